@@ -1,0 +1,116 @@
+"""EmbeddingEvaluator: weighted kNN, Recall@K and NMI from the eval loaders' roles.
+
+The validation loop yields {"embedding", "target", "index"} per batch; the evaluator collects them per
+role, gathers all ranks, drops the distributed sampler's padding by `index`, and scores:
+  reference + query  -> val/knn_top1 (weighted kNN of queries against the reference)
+  query (+ gallery)  -> val/recall@K (leave-one-out on query, or query -> gallery), val/nmi (on query)
+The validation run before the first training step (Lightning's sanity check, run over the full loaders)
+gives the random-init metrics `initial`; every later validation updates `latest` and `best`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import lightning as L
+import torch
+
+from callbacks import metrics
+
+
+def deduplicate(embedding: torch.Tensor, target: torch.Tensor, index: torch.Tensor):
+    """Rows sorted by dataset index, each index once: the padding a DistributedSampler adds is gone and
+    the order no longer depends on the number of processes."""
+    order = torch.argsort(index, stable=True)
+    index, embedding, target = index[order], embedding[order], target[order]
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    return embedding[first], target[first], index[first]
+
+
+class EmbeddingEvaluator(L.Callback):
+    """Scores the embedding on the datamodule's eval roles after every validation loop.
+
+    Args:
+      recall_ks: K list for Recall@K (CUB/Cars 1,2,4,8; SOP 1,10,100; In-Shop 1,10,20,30,40,50).
+      knn_k, knn_temperature: weighted kNN (k = 200, weights exp(s / 0.1), NPID/ISIF rule).
+      nmi: run k-means on the query embeddings (one cluster per class) and report NMI.
+      nmi_average: "arithmetic" (lifted-struct formula, sklearn >= 0.22) or "geometric" (ISIF era).
+      kmeans_restarts, seed: k-means restarts and seed, set explicitly so NMI is reproducible.
+      backend: "auto" (faiss, on GPU when present) or "torch".
+    """
+
+    def __init__(self, recall_ks: Sequence[int] = (1, 2, 4, 8), knn_k: int = 200, knn_temperature: float = 0.1,
+                 nmi: bool = True, nmi_average: str = "arithmetic", kmeans_restarts: int = 10, seed: int = 0,
+                 backend: str = "auto"):
+        if nmi_average not in ("arithmetic", "geometric"):
+            raise ValueError(f"nmi_average {nmi_average!r}: use arithmetic or geometric")
+        self.recall_ks, self.knn_k, self.knn_temperature = list(recall_ks), knn_k, knn_temperature
+        self.nmi, self.nmi_average, self.kmeans_restarts = nmi, nmi_average, kmeans_restarts
+        self.seed, self.backend = seed, backend
+        self.initial: dict[str, float] = {}
+        self.latest: dict[str, float] = {}
+        self.best: dict[str, float] = {}
+        self._buffers: dict[int, list[dict]] = {}
+
+    # -- collection -----------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._buffers = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._buffers.setdefault(dataloader_idx, []).append({k: outputs[k].detach() for k in
+                                                             ("embedding", "target", "index")})
+
+    def _collect(self, pl_module, dataloader_idx: int):
+        parts = self._buffers.get(dataloader_idx, [])
+        local = {k: torch.cat([p[k] for p in parts]) for k in ("embedding", "target", "index")}
+        if pl_module.trainer.world_size > 1:
+            local = {k: pl_module.all_gather(v).flatten(0, 1) for k, v in local.items()}
+        return deduplicate(local["embedding"], local["target"], local["index"])
+
+    # -- scoring --------------------------------------------------------------------------------
+    def score(self, sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Metrics from {role: (embedding, target)}; a pure function of the embeddings."""
+        out: dict[str, float] = {}
+        query_emb, query_target = sets["query"]
+        if "reference" in sets:
+            ref_emb, ref_target = sets["reference"]
+            out["val/knn_top1"] = metrics.weighted_knn_top1(query_emb, query_target, ref_emb, ref_target,
+                                                            k=self.knn_k, temperature=self.knn_temperature)
+        if self.recall_ks:
+            gallery = sets.get("gallery", (None, None))
+            recalls = metrics.recall_at_k(query_emb, query_target, self.recall_ks, *gallery)
+            out.update({f"val/recall@{k}": v for k, v in recalls.items()})
+        if self.nmi:
+            out["val/nmi"] = metrics.nmi(query_emb, query_target, seed=self.seed, restarts=self.kmeans_restarts,
+                                         average_method=self.nmi_average, backend=self.backend)
+        return out
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        roles = trainer.datamodule.eval_roles
+        sets, complete = {}, True
+        for i, role in enumerate(roles):
+            emb, target, index = self._collect(pl_module, i)
+            complete &= len(index) == len(trainer.val_dataloaders[i].dataset)
+            sets[role] = (emb, target)
+        if trainer.sanity_checking:
+            if not complete:
+                warnings.warn("the sanity check saw part of the eval data: set trainer.num_sanity_val_steps=-1 "
+                              "to get the random-init metrics")
+            elif not self.initial:  # a resumed run keeps the initial metrics of its first start
+                self.initial = self.score(sets)
+            return
+        self.latest = self.score(sets)
+        for name, value in self.latest.items():
+            self.best[name] = max(self.best.get(name, value), value)
+        pl_module.log_dict(self.latest, sync_dist=False, rank_zero_only=False)
+        pl_module.log_dict({f"best/{k[4:]}": v for k, v in self.best.items()}, sync_dist=False)
+
+    # -- resume ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"initial": self.initial, "latest": self.latest, "best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.initial = dict(state_dict["initial"])
+        self.latest = dict(state_dict["latest"])
+        self.best = dict(state_dict["best"])

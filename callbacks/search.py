@@ -1,0 +1,252 @@
+"""Exact inner-product search and k-means for evaluation.
+
+This is the only module that imports faiss, so the rest of the project keeps working (through the
+pure-torch fallback) where faiss is missing. Backends:
+
+- ``"faiss"``: faiss on GPU when ``faiss.get_num_gpus() > 0`` and the input is on CUDA, faiss-cpu
+  otherwise.
+- ``"torch"``: blockwise matmul + topk and a Lloyd's k-means, on the input's device. A block holds at
+  most ``_BLOCK_ELEMENTS`` similarities, so a 60,502 x 60,502 matrix never exists at once.
+- ``"auto"`` (default): ``"faiss"`` if it imports, else ``"torch"``.
+
+Results always come back as torch tensors on the input's device.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Backend = Literal["auto", "faiss", "torch"]
+
+# 2**25 float32 similarities = 128 MiB per block: large enough for BLAS efficiency, small enough for
+# the CPU memory of a laptop and for a GPU that also holds a model.
+_BLOCK_ELEMENTS = 2**25
+
+
+@functools.cache
+def load_faiss() -> ModuleType | None:
+    """The faiss module, or None when it is not installed (callers then use the torch backend)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def resolve_backend(backend: Backend) -> Literal["faiss", "torch"]:
+    """Turn ``"auto"`` into a concrete backend and fail early when faiss is asked for but missing."""
+    if backend == "auto":
+        return "faiss" if load_faiss() is not None else "torch"
+    if backend == "faiss" and load_faiss() is None:
+        raise ImportError(
+            "backend='faiss' needs faiss: install faiss-cpu (or faiss-gpu), or pass backend='torch'"
+        )
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+    return backend
+
+
+def block_rows(num_columns: int) -> int:
+    """Rows per block so that a (rows, num_columns) float32 block stays near ``_BLOCK_ELEMENTS``."""
+    return max(1, _BLOCK_ELEMENTS // max(1, num_columns))
+
+
+def _use_faiss_gpu(x: Tensor) -> bool:
+    faiss = load_faiss()
+    return x.is_cuda and faiss is not None and faiss.get_num_gpus() > 0
+
+
+def _to_numpy(x: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+
+
+def _check_matrix(name: str, x: Tensor) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# top-k search
+# ----------------------------------------------------------------------------------------------------
+
+
+def _faiss_topk(queries: Tensor, reference: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    faiss = load_faiss()
+    index = faiss.IndexFlatIP(reference.shape[1])
+    if _use_faiss_gpu(reference):
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, reference.device.index or 0, index)
+    index.add(_to_numpy(reference))
+    sims, idx = index.search(_to_numpy(queries), k)
+    return torch.from_numpy(sims).to(queries.device), torch.from_numpy(idx).to(queries.device)
+
+
+def _torch_topk(queries: Tensor, reference: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    reference_t = reference.float().T
+    step = block_rows(reference.shape[0])
+    parts = [torch.topk(q.float() @ reference_t, k, dim=1) for q in queries.split(step)]
+    return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+
+
+def _drop_self(sims: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Remove each row's own index from a (Q, k+1) result; rows without it lose their last column.
+
+    Dropping by identity (not "column 0") keeps the result right when a duplicate of the query ties
+    with it and comes first.
+    """
+    is_self = idx == torch.arange(idx.shape[0], device=idx.device)[:, None]
+    drop = is_self.clone()
+    drop[~is_self.any(dim=1), -1] = True
+    keep = ~drop
+    k = idx.shape[1] - 1
+    return sims[keep].view(-1, k), idx[keep].view(-1, k)
+
+
+def topk_search(
+    queries: Tensor, reference: Tensor, k: int, exclude_self: bool = False, backend: Backend = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k by inner product: (similarities (Q, k) float32, indices (Q, k) int64), best first.
+
+    ``exclude_self=True`` declares that ``queries`` are the rows of ``reference`` (same order); row i
+    then never returns index i, whatever the ties.
+    """
+    _check_matrix("queries", queries)
+    _check_matrix("reference", reference)
+    if queries.shape[1] != reference.shape[1]:
+        raise ValueError(
+            f"queries {tuple(queries.shape)} and reference {tuple(reference.shape)} need the same dim"
+        )
+    if exclude_self and queries.shape != reference.shape:
+        raise ValueError(
+            f"exclude_self=True needs queries to be the reference rows, got shapes "
+            f"{tuple(queries.shape)} and {tuple(reference.shape)}; pass exclude_self=False for "
+            "query->gallery search"
+        )
+    available = reference.shape[0] - int(exclude_self)
+    if not 1 <= k <= available:
+        raise ValueError(f"k must be in [1, {available}] for {reference.shape[0]} reference rows, got {k}")
+    search = _faiss_topk if resolve_backend(backend) == "faiss" else _torch_topk
+    sims, idx = search(queries, reference, k + int(exclude_self))
+    return _drop_self(sims, idx) if exclude_self else (sims, idx)
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-means
+# ----------------------------------------------------------------------------------------------------
+
+
+def _faiss_kmeans(x: Tensor, num_clusters: int, seed: int, restarts: int, iterations: int) -> Tensor:
+    """faiss k-means, best of ``restarts`` by objective, on every point (no subsampling).
+
+    faiss gained k-means++ seeding in Dec 2025 (facebookresearch/faiss#4740; faiss 1.15.1 has it)
+    and we use it; older faiss only seeds with random points, which ``restarts`` compensates for.
+    """
+    faiss = load_faiss()
+    n, dim = x.shape
+    init = getattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS", None)
+    options = {} if init is None else {"init_method": init}
+    km = faiss.Kmeans(
+        dim,
+        num_clusters,
+        niter=iterations,
+        nredo=restarts,
+        seed=seed,
+        spherical=False,
+        max_points_per_centroid=n,  # faiss silently subsamples above k * max_points_per_centroid
+        min_points_per_centroid=1,  # few points per cluster is the protocol (SOP: ~5), not a mistake
+        gpu=_use_faiss_gpu(x),
+        verbose=False,
+        **options,
+    )
+    points = _to_numpy(x)
+    km.train(points)
+    _, labels = km.assign(points)
+    return torch.from_numpy(labels).long().to(x.device)
+
+
+def _assign(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest centroid and squared distance per row, blockwise over rows."""
+    c_sq = centroids.square().sum(dim=1)
+    labels, dists = [], []
+    for block in x.split(block_rows(centroids.shape[0])):
+        d = block.square().sum(dim=1, keepdim=True) - 2 * block @ centroids.T + c_sq
+        dist, label = d.min(dim=1)
+        labels.append(label)
+        dists.append(dist.clamp_min(0))
+    return torch.cat(labels), torch.cat(dists)
+
+
+def _kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): next centre drawn with probability ~ D(x)^2.
+
+    The draw is an inverse-CDF lookup on the device, so a GPU run never syncs inside the loop.
+    """
+    n = x.shape[0]
+    x_sq = x.square().sum(dim=1)
+    first = torch.randint(n, (1,), generator=generator, device=x.device)
+    chosen = [first]
+    d2 = (x_sq - 2 * x @ x[first].squeeze(0) + x_sq[first]).clamp_min(0)
+    for _ in range(num_clusters - 1):
+        cdf = d2.cumsum(0)
+        u = torch.rand(1, generator=generator, device=x.device) * cdf[-1]
+        nxt = torch.searchsorted(cdf, u, right=True).clamp_max(n - 1)
+        chosen.append(nxt)
+        d2 = torch.minimum(d2, (x_sq - 2 * x @ x[nxt].squeeze(0) + x_sq[nxt]).clamp_min(0))
+    return x[torch.cat(chosen)].clone()
+
+
+def _lloyd(x: Tensor, centroids: Tensor, iterations: int) -> tuple[Tensor, float]:
+    """Lloyd's iterations; an empty cluster keeps its previous centroid. Returns (labels, inertia)."""
+    previous = None
+    for _ in range(iterations):
+        labels, _ = _assign(x, centroids)
+        if previous is not None and torch.equal(labels, previous):
+            break
+        counts = torch.bincount(labels, minlength=centroids.shape[0])
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        nonempty = counts > 0
+        centroids[nonempty] = sums[nonempty] / counts[nonempty, None].to(x.dtype)
+        previous = labels
+    labels, dists = _assign(x, centroids)
+    return labels, dists.sum().item()
+
+
+def _torch_kmeans(x: Tensor, num_clusters: int, seed: int, restarts: int, iterations: int) -> Tensor:
+    """Lloyd's k-means with k-means++ seeding, best of ``restarts`` by inertia."""
+    x = x.float()
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    best_labels, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        labels, inertia = _lloyd(x, _kmeans_plus_plus(x, num_clusters, generator), iterations)
+        if inertia < best_inertia:
+            best_labels, best_inertia = labels, inertia
+    return best_labels
+
+
+def kmeans(
+    x: Tensor,
+    num_clusters: int,
+    seed: int = 0,
+    restarts: int = 10,
+    iterations: int = 50,
+    backend: Backend = "auto",
+) -> Tensor:
+    """Euclidean k-means cluster ids (N,) int64 on x's device; best of ``restarts`` by inertia.
+
+    Both backends seed with k-means++ (faiss from before 2026: random points instead). Runs are
+    reproducible for a fixed seed on one backend and device, but the two backends differ.
+    """
+    _check_matrix("x", x)
+    n = x.shape[0]
+    if not 1 <= num_clusters <= n:
+        raise ValueError(f"num_clusters must be in [1, {n}] for {n} points, got {num_clusters}")
+    if restarts < 1 or iterations < 1:
+        raise ValueError(f"restarts and iterations must be >= 1, got {restarts} and {iterations}")
+    run = _faiss_kmeans if resolve_backend(backend) == "faiss" else _torch_kmeans
+    return run(x, num_clusters, seed, restarts, iterations)

@@ -1,0 +1,512 @@
+"""EmbeddingDataModule: protocols, multi-view training sets and eval loaders named by role.
+
+A dataset subclass only says how to read its images from disk (`read_records`); everything else
+(protocol split, semi-supervised labeled set, views, samplers, distributed sharding, seeded
+augmentation, sanity checks on what was read) lives here.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from datamodules.samplers import EpochSampler, PKSampler, SubsetSampler
+from datamodules.transforms import MultiView, build_transform
+
+__all__ = ["Records", "EmbeddingDataModule", "ImageDataset", "MultiViewDataset", "EpochSampler", "load_image",
+           "sample_seed", "DatasetSizeWarning", "require_paths", "has_files", "dataset_dir", "draw_labeled"]
+
+EVAL_ROLES = ("reference", "query", "gallery")
+HIDDEN = -1  # target value of every training sample whose label the protocol hides
+SAMPLERS = ("random", "pk")
+
+
+class DatasetSizeWarning(UserWarning):
+    """A split's image count differs from the published one (a partial or different copy of the data)."""
+
+
+@dataclass(frozen=True)
+class Records:
+    """Images (uint8 arrays HxW[xC] or file paths) with integer class targets, aligned by position."""
+
+    items: Sequence
+    targets: np.ndarray
+
+    def __post_init__(self):
+        if len(self.items) != len(self.targets):
+            raise ValueError(f"Records: {len(self.items)} items but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def select(self, mask_or_index) -> "Records":
+        index = np.flatnonzero(mask_or_index) if np.asarray(mask_or_index).dtype == bool else mask_or_index
+        index = np.asarray(index, dtype=np.int64)
+        items = self.items[index] if isinstance(self.items, np.ndarray) else [self.items[i] for i in index]
+        return Records(items, np.asarray(self.targets)[index])
+
+    def by_class(self, classes) -> "Records":
+        """The records whose target is in `classes`, re-labelled 0..len(classes)-1 in sorted order."""
+        classes = np.sort(np.asarray(list(classes)))
+        kept = self.select(np.isin(self.targets, classes))
+        return Records(kept.items, np.searchsorted(classes, kept.targets))
+
+
+def load_image(item) -> Image.Image:
+    """A PIL image from an in-memory uint8 array or a file; a broken file names its path."""
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(item)
+    try:
+        with Image.open(item) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot read image {item!r} ({err}); delete or replace the file") from err
+
+
+def sample_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
+    """A seed that depends only on (seed, epoch, index, draw): augmentations are then identical across
+    resumes, worker counts and DDP world sizes. `draw` tells apart repeats of one image in an epoch."""
+    key = f"{seed}:{epoch}:{index}" + (f":{draw}" if draw else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def require_paths(name: str, root: str | os.PathLike | None, paths: Sequence[str], url: str,
+                  hint: str = "") -> Path:
+    """`root` as a Path once every expected file/folder exists under it; otherwise a FileNotFoundError
+    that lists what is expected and where the dataset is published."""
+    if root is None:
+        problem = f"{name} needs a data root: pass --data.root"
+    elif not Path(root).is_dir():
+        problem = f"{name} root {str(root)!r} does not exist"
+    else:
+        missing = [p for p in paths if not (Path(root) / p).exists()]
+        if not missing:
+            return Path(root)
+        problem = f"{name}: {', '.join(missing)} missing under {str(root)!r}"
+    expected = "\n".join(f"  {p}" for p in paths)
+    raise FileNotFoundError(f"{problem}.\nExpected under the root:\n{expected}\n"
+                            f"The dataset is published at {url}{hint}")
+
+
+def has_files(root: str | os.PathLike | None, paths: Sequence[str]) -> bool:
+    return root is not None and all((Path(root) / p).exists() for p in paths)
+
+
+def dataset_dir(name: str, root: str | os.PathLike | None, folder: str, paths: Sequence[str], url: str,
+                hint: str = "") -> Path:
+    """The folder that holds `paths`: root itself, or root/<folder> (the layout the archive unpacks to)."""
+    if has_files(root, paths):
+        return Path(root)
+    return require_paths(name, root, [f"{folder}/{p}" for p in paths], url, hint) / folder
+
+
+def draw_labeled(targets: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of `per_class` images of every class, drawn with `seed` (the semi-supervised split)."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in np.unique(targets[targets >= 0]):
+        members = np.flatnonzero(targets == c)
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} training images, fewer than labels_per_class="
+                             f"{per_class}; lower --data.labels_per_class")
+        picks.append(rng.choice(members, size=per_class, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def unreadable_images(paths: Sequence[str]) -> list[str]:
+    """'path: reason' for every image file that PIL cannot decode."""
+    def reason(path) -> str | None:
+        try:
+            load_image(path)
+        except OSError as err:
+            return str(err.__cause__ or err)
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
+        reasons = list(pool.map(reason, paths))
+    return [f"{path}: {why}" for path, why in zip(paths, reasons) if why is not None]
+
+
+class ImageDataset(Dataset):
+    """Evaluation items: {"image", "index", "target"}; deterministic transform. The target is -1 unless
+    revealed (the training split seen through the eval transform keeps its labels hidden)."""
+
+    def __init__(self, records: Records, transform: Callable, reveal_targets: bool = True):
+        self.records, self.transform, self.reveal_targets = records, transform, reveal_targets
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.transform(load_image(self.records.items[index]))
+        target = int(self.records.targets[index]) if self.reveal_targets else HIDDEN
+        return {"image": image, "index": index, "target": target}
+
+
+class MultiViewDataset(Dataset):
+    """Training items: {"views": [view, ...], "index", "target"}, with the target hidden (-1) unless the
+    protocol reveals it, so that an unsupervised method cannot read a label even by mistake.
+    Accepts an int index or an (index, draw) pair from a sampler that repeats images within an epoch."""
+
+    def __init__(self, records: Records, transform: Callable, num_views: int, seed: int = 0,
+                 reveal_targets: bool = False):
+        self.records, self.views, self.seed = records, MultiView(transform, num_views), seed
+        self.reveal_targets = reveal_targets
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key) -> dict:
+        index, draw = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
+        image = load_image(self.records.items[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index, draw))
+            views = self.views(image)
+        target = int(self.records.targets[index]) if self.reveal_targets else HIDDEN
+        return {"views": views, "index": index, "target": target}
+
+
+class EmbeddingDataModule(L.LightningDataModule):
+    """Protocol-aware DataModule.
+
+    protocol:
+      - "seen": train on the train split (labels hidden); eval loaders `reference` (the reader's
+        "reference" split if it has one, else the train split; eval transform, labels) and `query`
+        (test split).
+      - "unseen": classes split in two by the reader; eval loader `query` (test classes, leave-one-out
+        retrieval), plus `gallery` for datasets with a query/gallery split.
+      - "semi": `labels_per_class` training images per class keep their label (drawn with `split_seed`),
+        the rest form the unlabeled pool; `train_dataloader` returns {"labeled", "unlabeled"} loaders,
+        eval loader `query` (test split, for val/error). Discovery callbacks grow the labeled set with
+        `add_labeled` and restore it with `reset_labeled`.
+    Subclasses implement `read_records()` -> {"train": Records, "test": Records} (or "query"/"gallery";
+    optionally "reference"), and set `name`, `mean`/`std` and `published_counts` as class attributes.
+
+    Other options:
+      supervised: reveal the training targets (supervised DML baselines); P x K then runs on true labels.
+      sampler: "random" (shuffled instances) or "pk" (P classes x K = samples_per_class images per batch,
+        P = per-process batch / K) over true labels (supervised) or pseudo labels (`set_pseudo_labels`).
+      labeled_batch_size: labeled images per step in "semi" (default batch_size); the labeled set is
+        cycled to as many batches as the unlabeled loader has.
+      unlabeled_includes_labeled: "semi" unlabeled pool = the whole train split (Mean-Teacher convention)
+        instead of the images without a label (MixMatch convention).
+      split_seed: seeds every random split the module draws (semi labeled set; digits/folder splits).
+      mean, std: override the dataset's normalisation (e.g. for a backbone trained with other statistics).
+      verify_images: decode every image file at setup and list all unreadable ones in one error.
+    """
+
+    name: str = "dataset"
+    protocols: tuple[str, ...] = ("seen", "unseen")
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    published_counts: dict[str, int] = {}
+
+    def __init__(
+        self,
+        root: str | None = None,
+        protocol: str = "seen",
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        num_views: int = 2,
+        train_transform: str = "npid",
+        eval_transform: str = "plain",
+        image_size: int = 32,
+        drop_ops: Sequence[str] = (),
+        drop_last: bool = True,
+        seed: int = 0,
+        supervised: bool = False,
+        sampler: str = "random",
+        samples_per_class: int = 5,
+        labels_per_class: int = 25,
+        labeled_batch_size: int | None = None,
+        unlabeled_includes_labeled: bool = False,
+        split_seed: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        verify_images: bool = False,
+    ):
+        super().__init__()
+        if protocol not in self.protocols:
+            raise ValueError(f"{type(self).__name__}: protocol {protocol!r} is not one of {self.protocols}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
+        if protocol == "semi" and (supervised or sampler != "random"):
+            raise ValueError("protocol 'semi' has its own labeled/unlabeled loaders: leave supervised=False "
+                             "and sampler='random'")
+        self.root = None if root is None else os.path.expanduser(root)
+        self.protocol, self.batch_size, self.eval_batch_size = protocol, batch_size, eval_batch_size
+        self.num_workers, self.num_views, self.drop_last, self.seed = num_workers, num_views, drop_last, seed
+        self.supervised, self.sampler, self.samples_per_class = supervised, sampler, samples_per_class
+        self.labels_per_class, self.labeled_batch_size = labels_per_class, labeled_batch_size or batch_size
+        self.unlabeled_includes_labeled, self.split_seed = unlabeled_includes_labeled, split_seed
+        self.verify_images = verify_images
+        if mean is not None or std is not None:
+            self.mean = tuple(mean) if mean is not None else self.mean
+            self.std = tuple(std) if std is not None else self.std
+        self.train_transform = build_transform(train_transform, image_size, self.mean, self.std, drop_ops)
+        self.eval_transform = build_transform(eval_transform, image_size, self.mean, self.std)
+        self.splits: dict[str, Records] | None = None
+        self.pseudo_labels: np.ndarray | None = None
+        self._pk_sampler: PKSampler | None = None
+        self._original_labeled: np.ndarray | None = None
+        self._label_table: np.ndarray | None = None  # semi: label per train image, -1 = unlabeled
+
+    # -- what a dataset subclass provides -------------------------------------------------------
+    def read_records(self) -> dict[str, Records]:
+        raise NotImplementedError
+
+    # -- protocol ---------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        records = self.read_records()
+        self.warn_on_counts(records)
+        splits = self.protocol_splits(records)
+        for role, split in splits.items():
+            if len(split) == 0:
+                raise ValueError(f"{self.name}: the {role!r} split is empty; --data.root {self.root!r} must hold "
+                                 f"the whole dataset")
+        if self.verify_images:
+            self.check_images(splits)
+        self.splits = splits
+        if self.protocol == "semi":
+            self._original_labeled = draw_labeled(np.asarray(splits["train"].targets), self.labels_per_class,
+                                                  self.split_seed)
+            self._label_table = np.full(len(splits["train"]), HIDDEN, dtype=np.int64)
+            self.reset_labeled()
+
+    def protocol_splits(self, records: dict[str, Records]) -> dict[str, Records]:
+        """Map the reader's splits to the training set and the eval roles of the protocol."""
+        if self.protocol == "seen":
+            return {"train": records["train"], "reference": records.get("reference", records["train"]),
+                    "query": records["test"]}
+        if "gallery" in records:
+            return {"train": records["train"], "query": records["query"], "gallery": records["gallery"]}
+        return {"train": records["train"], "query": records["test"]}
+
+    def warn_on_counts(self, records: dict[str, Records]) -> None:
+        """Warn (not fail: test fixtures are tiny) when a split's size differs from the published one."""
+        lines = [f"{self.name} {split}: {len(records[split]):,} images, published {expected:,}"
+                 f" ({abs(len(records[split]) - expected):,} "
+                 f"{'fewer' if len(records[split]) < expected else 'more'})"
+                 for split, expected in self.published_counts.items()
+                 if split in records and len(records[split]) != expected]
+        if lines:
+            rank_zero_warn("; ".join(lines) + f". Results on a partial copy under {self.root!r} are not "
+                           "comparable with the papers.", category=DatasetSizeWarning)
+
+    def check_images(self, splits: dict[str, Records]) -> None:
+        """Decode every image file once, so a broken download fails now with the full list of bad files."""
+        paths = dict.fromkeys(item for split in splits.values() if not isinstance(split.items, np.ndarray)
+                              for item in split.items)
+        bad = unreadable_images(list(paths))
+        if bad:
+            listed = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+            raise OSError(f"{self.name}: {len(bad)} unreadable image(s):\n  {listed}\n"
+                          "Delete or replace these files (or unpack the dataset again).")
+
+    @property
+    def eval_roles(self) -> list[str]:
+        """Roles of the loaders `val_dataloader` returns, in order; the evaluator reads these."""
+        self.setup()
+        return [role for role in EVAL_ROLES if role in self.splits]
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        self.setup()
+        return {role: int(len(np.unique(r.targets[r.targets >= 0]))) for role, r in self.splits.items()}
+
+    # -- pseudo labels (P x K sampling) ------------------------------------------------------------
+    def set_pseudo_labels(self, labels) -> None:
+        """Cluster ids of the training images (one per train-split image, -1 = unassigned) from a
+        pseudo-label callback. P x K batches are drawn over them from the next epoch's iterator on
+        (call it in on_fit_start for the first epoch). Every rank must pass the same labels."""
+        self.setup()
+        labels = torch.as_tensor(labels).detach().cpu().numpy().astype(np.int64)
+        if labels.shape != (len(self.splits["train"]),):
+            raise ValueError(f"set_pseudo_labels: {labels.shape} labels for {len(self.splits['train'])} "
+                             "training images")
+        self.pseudo_labels = labels
+        if self._pk_sampler is not None:
+            self._pk_sampler.set_labels(labels)
+
+    # -- semi-supervised labeled set -------------------------------------------------------------
+    def _require_semi(self) -> None:
+        if self.protocol != "semi":
+            raise RuntimeError(f"the labeled/unlabeled split exists only with protocol 'semi' (got "
+                               f"{self.protocol!r}); set --data.protocol semi")
+        self.setup()
+
+    def _current_labeled(self) -> np.ndarray:
+        return np.flatnonzero(self._label_table >= 0)
+
+    @property
+    def labeled_indices(self) -> np.ndarray:
+        """Train-split indices that carry a label now: the drawn ones plus those added since."""
+        self._require_semi()
+        return self._current_labeled()
+
+    @property
+    def labeled_targets(self) -> np.ndarray:
+        """Labels of `labeled_indices`: ground truth for the drawn images, the given label for added ones."""
+        self._require_semi()
+        return self._label_table[self._current_labeled()].copy()
+
+    @property
+    def unlabeled_indices(self) -> np.ndarray:
+        """The unlabeled pool (fixed for the run): images outside the drawn labeled set, or all of them."""
+        self._require_semi()
+        everything = np.arange(len(self.splits["train"]))
+        return everything if self.unlabeled_includes_labeled else np.setdiff1d(everything, self._original_labeled)
+
+    def add_labeled(self, indices, labels) -> None:
+        """Give (pseudo) labels to unlabeled train images (sample discovery); used by the labeled loader from
+        its next epoch on. The images stay in the unlabeled pool. Every rank must make the same call."""
+        self._require_semi()
+        indices = torch.as_tensor(indices).detach().cpu().numpy().astype(np.int64)
+        labels = torch.as_tensor(labels).detach().cpu().numpy().astype(np.int64)
+        classes = self.num_classes["train"]
+        if indices.ndim != 1 or indices.shape != labels.shape:
+            raise ValueError(f"add_labeled: indices {indices.shape} and labels {labels.shape} must be 1-D and aligned")
+        if len(np.unique(indices)) != len(indices) or indices.min(initial=0) < 0 \
+                or indices.max(initial=0) >= len(self._label_table):
+            raise ValueError("add_labeled: indices must be distinct train-split indices")
+        if labels.min(initial=0) < 0 or labels.max(initial=0) >= classes:
+            raise ValueError(f"add_labeled: labels must lie in 0..{classes - 1}")
+        already = indices[self._label_table[indices] >= 0]
+        if len(already):
+            raise ValueError(f"add_labeled: {len(already)} images already have a label (e.g. index {already[0]}); "
+                             "discover among the images outside labeled_indices, or reset_labeled() first")
+        self._label_table[indices] = labels
+
+    def reset_labeled(self) -> None:
+        """Back to the drawn labeled set (a new Snowball generation), in place so live loaders see it."""
+        self._require_semi()
+        self._label_table[:] = HIDDEN
+        self._label_table[self._original_labeled] = self.splits["train"].targets[self._original_labeled]
+
+    # -- state (resume) -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {}
+        if self.pseudo_labels is not None:
+            state["pseudo_labels"] = torch.from_numpy(self.pseudo_labels.copy())
+        if self._label_table is not None:
+            state["label_table"] = torch.from_numpy(self._label_table.copy())
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "pseudo_labels" in state_dict:
+            self.set_pseudo_labels(state_dict["pseudo_labels"])
+        if "label_table" in state_dict:
+            self._require_semi()
+            self._label_table[:] = state_dict["label_table"].numpy()
+
+    # -- loaders ----------------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _per_rank(self, batch_size: int) -> int:
+        world, _ = self._world()
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {world} processes")
+        return batch_size // world
+
+    def _loader(self, dataset: Dataset, sampler: DistributedSampler, batch_size: int, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=drop_last, pin_memory=torch.cuda.is_available())
+
+    def _training_loader(self, dataset: Dataset, sampler: EpochSampler, batch_size: int,
+                         drop_last: bool = True) -> DataLoader:
+        # A resumed run builds its first iterator before Lightning calls set_epoch: start at the right epoch.
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        if drop_last and len(sampler) < batch_size:
+            raise ValueError(f"{self.name}: {len(sampler)} training images per process, fewer than one batch "
+                             f"of {batch_size}; lower --data.batch_size")
+        return self._loader(dataset, sampler, batch_size, drop_last)
+
+    def train_dataset(self) -> MultiViewDataset:
+        self.setup()
+        return MultiViewDataset(self.splits["train"], self.train_transform, self.num_views, seed=self.seed,
+                                reveal_targets=self.supervised)
+
+    def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
+        if self.protocol == "semi":
+            return {"labeled": self.labeled_dataloader(), "unlabeled": self.unlabeled_dataloader()}
+        dataset = self.train_dataset()
+        world, rank = self._world()
+        per_rank = self._per_rank(self.batch_size)
+        if self.sampler == "pk":
+            if per_rank % self.samples_per_class:
+                raise ValueError(f"{per_rank} images per process and batch is not a multiple of samples_per_class "
+                                 f"{self.samples_per_class}; change --data.batch_size")
+            labels = self.splits["train"].targets if self.supervised else self.pseudo_labels
+            self._pk_sampler = PKSampler(labels, per_rank // self.samples_per_class, self.samples_per_class,
+                                         num_replicas=world, rank=rank, seed=self.seed, dataset=dataset)
+            return self._training_loader(dataset, self._pk_sampler, per_rank)
+        sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
+                               drop_last=self.drop_last)
+        return self._training_loader(dataset, sampler, per_rank, self.drop_last)
+
+    def unlabeled_dataloader(self) -> DataLoader:
+        """Semi: the unlabeled pool, multi-view, targets hidden; one pass per epoch."""
+        self._require_semi()
+        dataset = MultiViewDataset(self.splits["train"], self.train_transform, self.num_views, seed=self.seed)
+        world, rank = self._world()
+        sampler = SubsetSampler(dataset, self.unlabeled_indices, num_replicas=world, rank=rank, seed=self.seed)
+        return self._training_loader(dataset, sampler, self._per_rank(self.batch_size))
+
+    def labeled_dataloader(self) -> DataLoader:
+        """Semi: the current labeled set, multi-view, targets revealed, cycled to as many batches as the
+        unlabeled loader has (each repeat of an image gets a fresh augmentation)."""
+        self._require_semi()
+        labeled = Records(self.splits["train"].items, self._label_table)  # shares the table: sees add_labeled
+        # seed + 1: its own augmentation stream, apart from the same image's draw in the unlabeled loader
+        dataset = MultiViewDataset(labeled, self.train_transform, self.num_views, seed=self.seed + 1,
+                                   reveal_targets=True)
+        world, rank = self._world()
+        per_rank = self._per_rank(self.labeled_batch_size)
+        steps = len(self.unlabeled_indices) // world // self._per_rank(self.batch_size)
+        sampler = SubsetSampler(dataset, self._current_labeled, num_samples=max(steps, 1) * per_rank,
+                                num_replicas=world, rank=rank, seed=self.seed + 1)
+        return self._training_loader(dataset, sampler, per_rank)
+
+    def _eval_loader(self, records: Records, reveal_targets: bool) -> DataLoader:
+        dataset = ImageDataset(records, self.eval_transform, reveal_targets=reveal_targets)
+        world, rank = self._world()
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+        return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False)
+
+    def eval_dataloader(self, role: str) -> DataLoader:
+        if role not in self.eval_roles:
+            raise ValueError(f"no eval role {role!r} under protocol {self.protocol!r}; roles: {self.eval_roles}")
+        return self._eval_loader(self.splits[role], reveal_targets=True)
+
+    def train_eval_dataloader(self, reveal_targets: bool = False) -> DataLoader:
+        """The training split in order through the eval transform, for feature extraction (k-means pseudo
+        labels, sample discovery, nearest-neighbour positives). Targets stay hidden unless asked for
+        (monitoring only). Sharded like the eval loaders: drop the padding by `index`."""
+        self.setup()
+        return self._eval_loader(self.splits["train"], reveal_targets)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.eval_dataloader(role) for role in self.eval_roles]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

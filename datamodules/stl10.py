@@ -1,0 +1,82 @@
+"""STL-10 from the official binaries, read into uint8 arrays in memory.
+
+Layout (under root, or root/stl10_binary as the archive unpacks): train_X.bin / train_y.bin (5,000),
+test_X.bin / test_y.bin (8,000), unlabeled_X.bin (100,000). Images are packed uint8, 3 x 96 x 96, each
+channel stored column-major; labels are uint8 1..10.
+Protocol seen (ISIF, UMM, EIR): unsupervised training on `train` (5K) or `train+unlabeled` (105K); the
+kNN / linear-probe reference is always the labeled 5K `train` split; queries are the 8K `test` split.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torchvision.datasets import STL10
+from torchvision.datasets.utils import download_and_extract_archive
+
+from datamodules.base import HIDDEN, EmbeddingDataModule, Records, dataset_dir, has_files
+from datamodules.cifar import CIFAR10DataModule
+
+STL10_URL = "https://cs.stanford.edu/~acoates/stl10/"
+TRAIN_SPLITS = ("train", "train+unlabeled")
+
+
+def read_stl_images(path: Path) -> np.ndarray:
+    """(N, 96, 96, 3) uint8 from a column-major STL-10 image file."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % (3 * 96 * 96):
+        raise ValueError(f"{path}: {raw.size} bytes is not a whole number of 3x96x96 images; the file is truncated")
+    # file order per image: channel, column (x), row (y) -> (N, C, X, Y) -> (N, Y, X, C)
+    return np.ascontiguousarray(raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1))
+
+
+def read_stl_labels(path: Path) -> np.ndarray:
+    """0-based int64 labels from an STL-10 label file (stored 1..10)."""
+    return np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1
+
+
+class STL10DataModule(EmbeddingDataModule):
+    """STL-10, 10 classes, 96x96.
+
+    train_split: "train" (the 5K labeled images) or "train+unlabeled" (105K, the unlabeled ones last).
+    download: fetch the official archive (2.6 GB) into root with torchvision's downloader when missing.
+    """
+
+    name = "STL-10"
+    protocols = ("seen",)
+    mean, std = CIFAR10DataModule.mean, CIFAR10DataModule.std  # ISIF code uses the CIFAR statistics for STL
+
+    def __init__(self, root: str | None = None, image_size: int = 96, train_split: str = "train+unlabeled",
+                 download: bool = False, **kwargs):
+        if train_split not in TRAIN_SPLITS:
+            raise ValueError(f"train_split {train_split!r} is not one of {TRAIN_SPLITS}")
+        if train_split == "train+unlabeled" and kwargs.get("supervised"):
+            raise ValueError("supervised training needs labels: use train_split 'train' (the unlabeled 100K have none)")
+        super().__init__(root=root, image_size=image_size, **kwargs)
+        self.train_split, self.download = train_split, download
+        self.published_counts = {"train": 5_000 if train_split == "train" else 105_000,
+                                 "reference": 5_000, "test": 8_000}
+
+    def _files(self) -> tuple[str, ...]:
+        labeled = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+        return (*labeled, "unlabeled_X.bin") if self.train_split == "train+unlabeled" else labeled
+
+    def prepare_data(self) -> None:
+        if not self.download or self.root is None:
+            return
+        files = self._files()
+        if not (has_files(self.root, files) or has_files(Path(self.root) / STL10.base_folder, files)):
+            download_and_extract_archive(STL10.url, self.root, filename=STL10.filename, md5=STL10.tgz_md5)
+
+    def read_records(self) -> dict[str, Records]:
+        self.prepare_data()
+        folder = dataset_dir(self.name, self.root, STL10.base_folder, self._files(), STL10_URL,
+                             hint="; or pass --data.download true to fetch it with torchvision")
+        labeled = Records(read_stl_images(folder / "train_X.bin"), read_stl_labels(folder / "train_y.bin"))
+        test = Records(read_stl_images(folder / "test_X.bin"), read_stl_labels(folder / "test_y.bin"))
+        train = labeled
+        if self.train_split == "train+unlabeled":
+            unlabeled = read_stl_images(folder / "unlabeled_X.bin")
+            train = Records(np.concatenate([labeled.items, unlabeled]),
+                            np.concatenate([labeled.targets, np.full(len(unlabeled), HIDDEN, dtype=np.int64)]))
+        return {"train": train, "reference": labeled, "test": test}

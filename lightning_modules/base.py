@@ -1,0 +1,183 @@
+"""EmbeddingModule: the base every method stands on.
+
+The base owns everything but the loss: backbone + head, the evaluation embedding, optimizer parameter
+groups, the lr schedule (a pure function of the epoch, so it survives a resume), EMA pairs and the
+non-finite-loss stop. A method overrides `training_step` only, and logs its terms with `log_terms`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_modules.backbones import build_backbone
+from lightning_modules.heads import EmbeddingHead
+
+
+@dataclass
+class Optim:
+    """Optimizer and parameter groups. `lr_mult` maps a parameter-name prefix (e.g. "head") to an lr
+    multiplier; `decay_norm_and_bias=False` puts norms and biases in a group without weight decay."""
+
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    decay_norm_and_bias: bool = True
+    lr_mult: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Schedule:
+    """lr factor per epoch. step: `factors[i]` of the initial lr from epoch `milestones[i]` on;
+    cosine: from 1 to `min_factor` over max_epochs; constant: 1. Optional linear warmup."""
+
+    name: str = "constant"  # constant | step | cosine
+    milestones: list[int] = field(default_factory=list)
+    factors: list[float] = field(default_factory=list)
+    min_factor: float = 0.0
+    warmup_epochs: int = 0
+
+
+def lr_factor(epoch: int, schedule: Schedule, max_epochs: int) -> float:
+    """The lr multiplier at `epoch` (0-based): a pure function, so a resumed run continues exactly."""
+    warm = min(1.0, (epoch + 1) / schedule.warmup_epochs) if schedule.warmup_epochs else 1.0
+    if schedule.name == "constant":
+        return warm
+    if schedule.name == "step":
+        passed = [f for m, f in zip(schedule.milestones, schedule.factors) if epoch >= m]
+        return warm * (passed[-1] if passed else 1.0)
+    if schedule.name == "cosine":
+        t = min(epoch / max(max_epochs, 1), 1.0)
+        return warm * (schedule.min_factor + (1 - schedule.min_factor) * 0.5 * (1 + math.cos(math.pi * t)))
+    raise ValueError(f"unknown schedule {schedule.name!r}; use constant, step or cosine")
+
+
+def parameter_groups(model: nn.Module, optim: Optim) -> list[dict]:
+    """Groups keyed by (lr multiplier, weight decay), in a stable order; frozen parameters left out."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        mult = next((m for prefix, m in optim.lr_mult.items() if name.startswith(prefix)), 1.0)
+        no_decay = not optim.decay_norm_and_bias and param.ndim <= 1
+        groups.setdefault((mult, 0.0 if no_decay else optim.weight_decay), []).append(param)
+    return [{"params": ps, "lr": optim.lr * m, "weight_decay": wd} for (m, wd), ps in groups.items()]
+
+
+def build_optimizer(groups: list[dict], optim: Optim) -> torch.optim.Optimizer:
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
+    if optim.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if optim.name == "adam" else torch.optim.AdamW
+        return cls(groups, lr=optim.lr, betas=optim.betas)
+    raise ValueError(f"unknown optimizer {optim.name!r}; use sgd, adam or adamw")
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * source for parameters; buffers (BN statistics) copied."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.lerp_(s, 1.0 - decay)
+    for t, s in zip(target.buffers(), source.buffers()):
+        t.copy_(s)
+
+
+class EmbeddingModule(L.LightningModule):
+    """Backbone -> EmbeddingHead (L2-normalised). Subclasses implement `training_step` only.
+
+    `ema_pairs` lists (target, source) attribute names that the base moves by EMA after every
+    optimizer step with `ema_decay`; the evaluation embedding is `embed()`.
+    """
+
+    ema_pairs: tuple[tuple[str, str], ...] = ()
+
+    def __init__(
+        self,
+        backbone: str = "cifar_resnet18",
+        embedding_dim: int = 128,
+        in_chans: int = 3,
+        pretrained: bool = False,
+        weights: str | None = None,
+        frozen_bn: bool = False,
+        optim: Optim | None = None,
+        schedule: Schedule | None = None,
+        ema_decay: float = 0.999,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim = optim or Optim()
+        self.schedule = schedule or Schedule()
+        self.trunk, feature_dim = build_backbone(backbone, pretrained=pretrained, weights=weights,
+                                                 frozen_bn=frozen_bn, in_chans=in_chans)
+        self.head = EmbeddingHead(feature_dim, embedding_dim)
+
+    # -- embedding ------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(images))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The embedding the evaluator scores (eval mode is set by the validation loop)."""
+        return self(images)
+
+    def embed_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One forward over the concatenated views (BN statistics over all of them), split back."""
+        z = self(torch.cat(views))
+        return list(z.float().chunk(len(views)))
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return {"embedding": self.embed(batch["image"]).float(), "target": batch["target"],
+                "index": batch["index"]}
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return self.validation_step(batch, batch_idx, dataloader_idx)
+
+    # -- helpers for methods --------------------------------------------------------------------
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows, with gradient flowing back to this rank's rows (identity on one process)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=True).flatten(0, 1)
+
+    def log_terms(self, terms: dict[str, torch.Tensor], embedding: torch.Tensor | None = None) -> None:
+        """Log every loss term under train/, and the collapse diagnostic (mean per-dimension std)."""
+        logged = {f"train/{k}": v.detach() for k, v in terms.items()}
+        if embedding is not None:
+            logged["train/embedding_std"] = embedding.detach().float().std(0).mean()
+        self.log_dict(logged, prog_bar=False, on_step=True, on_epoch=True, batch_size=self._batch_size)
+        self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False, batch_size=self._batch_size)
+
+    @property
+    def _batch_size(self) -> int | None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(dm, "batch_size", None)
+
+    # -- owned by the base ----------------------------------------------------------------------
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        if finite.item() < 1:
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}: "
+                "the run stops here and the last good checkpoint (last.ckpt) is kept. Lower the learning "
+                "rate, check the inputs, or resume from last.ckpt with --ckpt_path.")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        for target, source in self.ema_pairs:
+            ema_update(getattr(self, target), getattr(self, source), self.hparams.ema_decay)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(parameter_groups(self, self.optim), self.optim)
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: lr_factor(epoch, self.schedule, max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_train_epoch_start(self) -> None:
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)

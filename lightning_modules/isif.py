@@ -1,0 +1,107 @@
+"""ISIF: Invariant and Spreading Instance Feature (Ye et al., CVPR 2019).
+
+Default: the symmetric 2N form of the authors' code (spec §3.3): every one of the 2N features is an
+anchor, its other view the positive, the other 2N-2 in-batch features the negatives, the anchor itself
+excluded, candidates detached, mean over the 2N anchors. Option `variant="literal"`: the paper's Eq. 3/4
+(positives from branch-2 queries against branch-1 features; negatives from branch-1 queries against
+branch-1 features, self included in the denominator), also divided by the number of terms' anchors m.
+"""
+from __future__ import annotations
+
+import torch
+
+from lightning_modules.base import EmbeddingModule
+from lightning_modules.losses import fp32, log1mexp
+
+
+def _keep_negatives(sim: torch.Tensor, negatives: torch.Tensor, selection: str) -> torch.Tensor:
+    """The negatives each row keeps: all, or the most (hard_half) / least (easy_half) similar half."""
+    if selection == "all":
+        return negatives
+    if selection not in ("hard_half", "easy_half"):
+        raise ValueError(f"negative_selection {selection!r}: use all, hard_half or easy_half")
+    keep = int(negatives[0].sum().item()) // 2  # N-1 of the 2N-2 negatives (spec §3.6 [R])
+    fill = float("-inf") if selection == "hard_half" else float("inf")
+    ranked = sim.masked_fill(~negatives, fill)
+    picked = ranked.topk(keep, dim=1, largest=selection == "hard_half").indices
+    return torch.zeros_like(negatives).scatter_(1, picked, True)
+
+
+@fp32
+def isif_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, detach_candidates: bool = True,
+              negative_selection: str = "all") -> dict[str, torch.Tensor]:
+    """Symmetric ISIF loss on two views (N, d) of unit-norm rows; fp32 and log-space.
+
+    Returns {"loss", "positive", "negative"}: loss = positive + negative, each a mean over 2N anchors.
+    """
+    z = torch.cat([z1, z2])
+    n = z.shape[0]
+    candidates = z.detach() if detach_candidates else z
+    sim = z @ candidates.T / temperature
+    rows = torch.arange(n, device=z.device)
+    pos = (rows + n // 2) % n
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    negatives = ~eye
+    negatives[rows, pos] = False
+    kept = _keep_negatives(sim.detach(), negatives, negative_selection)
+    candidate_mask = kept.clone()
+    candidate_mask[rows, pos] = True
+    logits = sim.masked_fill(~candidate_mask, float("-inf"))
+    logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = -logp[rows, pos].sum() / n
+    negative = -torch.where(kept, log1mexp(logp.masked_fill(~kept, -1.0)), 0.0).sum() / n
+    return {"loss": positive + negative, "positive": positive, "negative": negative}
+
+
+@fp32
+def isif_loss_literal(f: torch.Tensor, f_hat: torch.Tensor, temperature: float = 0.1,
+                      detach_candidates: bool = True) -> dict[str, torch.Tensor]:
+    """The paper's Eq. 3/4/7 read literally (spec A1), divided by m = number of instances.
+
+    positive: -log P(i | x̂_i), softmax of f̂_i against all branch-1 features {f_k};
+    negative: -Σ_{j≠i} log(1 - P(i | x_j)), softmax of f_j against {f_k}, self (k = j) included.
+    """
+    m = f.shape[0]
+    candidates = f.detach() if detach_candidates else f
+    rows = torch.arange(m, device=f.device)
+    logp_pos = torch.log_softmax(f_hat @ candidates.T / temperature, dim=1)[rows, rows]
+    logp_neg = torch.log_softmax(f @ candidates.T / temperature, dim=1)  # row j, column i: log P(i | x_j)
+    off_diagonal = ~torch.eye(m, dtype=torch.bool, device=f.device)
+    positive = -logp_pos.sum() / m
+    negative = -torch.where(off_diagonal, log1mexp(logp_neg.masked_fill(~off_diagonal, -1.0)), 0.0).sum() / m
+    return {"loss": positive + negative, "positive": positive, "negative": negative}
+
+
+class ISIF(EmbeddingModule):
+    """ISIF on two views per instance.
+
+    variant: "symmetric" (authors' code, default) | "literal" (paper Eq. 3/4).
+    gather_negatives: under DDP, compute the loss on all ranks' features (the official DataParallel
+      saw the whole batch); gradients flow back to each rank's own rows.
+    bn_per_view: forward the two views separately (BN statistics per view, as the official 4-GPU
+      DataParallel did); default one forward of the 2N batch (spec §3.4 [R]).
+    """
+
+    def __init__(self, temperature: float = 0.1, variant: str = "symmetric", detach_candidates: bool = True,
+                 negative_selection: str = "all", gather_negatives: bool = True, bn_per_view: bool = False,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if variant not in ("symmetric", "literal"):
+            raise ValueError(f"variant {variant!r}: use symmetric or literal")
+        if variant == "literal" and negative_selection != "all":
+            raise ValueError("negative_selection applies to the symmetric variant only")
+        self.temperature, self.variant, self.detach_candidates = temperature, variant, detach_candidates
+        self.negative_selection, self.gather_negatives, self.bn_per_view = (
+            negative_selection, gather_negatives, bn_per_view)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        v1, v2 = batch["views"][:2]
+        z1, z2 = [self(v).float() for v in (v1, v2)] if self.bn_per_view else self.embed_views([v1, v2])
+        if self.gather_negatives:
+            z1, z2 = self.gather(z1), self.gather(z2)
+        if self.variant == "literal":
+            terms = isif_loss_literal(z1, z2, self.temperature, self.detach_candidates)
+        else:
+            terms = isif_loss(z1, z2, self.temperature, self.detach_candidates, self.negative_selection)
+        self.log_terms(terms, embedding=z1)
+        return terms["loss"]

@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 METHOD ?= isif
 DATASET ?= digits
 LOGGER ?= wandb
-RUN_DIR ?= runs/$(METHOD)-$(DATASET)-$(shell date +%Y%m%d-%H%M%S)
+VARIANT ?=
+RUN_DIR ?= runs/$(METHOD)-$(DATASET)$(if $(VARIANT),-$(VARIANT))-$(shell date +%Y%m%d-%H%M%S)
 CONFIGS := experiments/configs
 ARGS ?=
 
-.PHONY: install train test bench lint clean
+.PHONY: install train test bench compare lint clean
 
 install: $(STAMP)
 
@@ -20,11 +21,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+METHOD_CONFIG := $(CONFIGS)/$(METHOD)/$(DATASET)$(if $(VARIANT),-$(VARIANT)).yaml
+
 train: $(STAMP)
-	@test -f $(CONFIGS)/$(METHOD)/$(DATASET).yaml || { echo "no config $(CONFIGS)/$(METHOD)/$(DATASET).yaml; available:"; \
-		ls $(CONFIGS)/*/*.yaml | grep -v datasets/ | sed 's|$(CONFIGS)/||'; exit 2; }
+	@test -f $(METHOD_CONFIG) || { echo "no config $(METHOD_CONFIG); available:"; \
+		ls $(CONFIGS)/*/*.yaml | grep -v -e datasets/ -e base.yaml | sed 's|$(CONFIGS)/||'; exit 2; }
 	$(PY) -m experiments.train fit --config $(CONFIGS)/base.yaml --config $(CONFIGS)/datasets/$(DATASET).yaml \
-		--config $(CONFIGS)/$(METHOD)/$(DATASET).yaml --run.dir $(RUN_DIR) --run.logger $(LOGGER) $(ARGS)
+		--config $(METHOD_CONFIG) --run.dir $(RUN_DIR) --run.logger $(LOGGER) \
+		--run.method $(METHOD) --run.dataset $(DATASET) --run.variant "$(VARIANT)" $(ARGS)
+
+compare: $(STAMP)
+	$(PY) -m experiments.compare $(or $(RUNS),runs/*)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

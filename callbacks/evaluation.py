@@ -28,6 +28,14 @@ def deduplicate(embedding: torch.Tensor, target: torch.Tensor, index: torch.Tens
     return embedding[first], target[first], index[first]
 
 
+def gather_unique(pl_module: L.LightningModule, embedding: torch.Tensor, target: torch.Tensor,
+                  index: torch.Tensor):
+    """All ranks' rows (equal counts per rank, as a DistributedSampler pads them), each index once."""
+    if pl_module.trainer is not None and pl_module.trainer.world_size > 1:
+        embedding, target, index = (pl_module.all_gather(x).flatten(0, 1) for x in (embedding, target, index))
+    return deduplicate(embedding, target, index)
+
+
 class EmbeddingEvaluator(L.Callback):
     """Scores the embedding on the datamodule's eval roles after every validation loop.
 
@@ -63,10 +71,7 @@ class EmbeddingEvaluator(L.Callback):
 
     def _collect(self, pl_module, dataloader_idx: int):
         parts = self._buffers.get(dataloader_idx, [])
-        local = {k: torch.cat([p[k] for p in parts]) for k in ("embedding", "target", "index")}
-        if pl_module.trainer.world_size > 1:
-            local = {k: pl_module.all_gather(v).flatten(0, 1) for k, v in local.items()}
-        return deduplicate(local["embedding"], local["target"], local["index"])
+        return gather_unique(pl_module, *(torch.cat([p[k] for p in parts]) for k in ("embedding", "target", "index")))
 
     # -- scoring --------------------------------------------------------------------------------
     def score(self, sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

@@ -80,6 +80,9 @@ class SuiteCLI(LightningCLI):
         parser.add_argument("--run.logger", type=str, default="wandb", help="wandb | csv | none")
         parser.add_argument("--run.project", type=str, default="embedding-suite", help="W&B project")
         parser.add_argument("--run.name", type=str | None, default=None, help="W&B run name")
+        parser.add_argument("--run.method", type=str, default="", help="METHOD name, for comparison tables")
+        parser.add_argument("--run.dataset", type=str, default="", help="DATASET name, for comparison tables")
+        parser.add_argument("--run.variant", type=str, default="", help="protocol variant, e.g. resnet18")
 
     @property
     def run_dir(self) -> str:
@@ -110,7 +113,9 @@ class SuiteCLI(LightningCLI):
     def after_fit(self) -> None:
         evaluator = next(c for c in self.trainer.callbacks if isinstance(c, EmbeddingEvaluator))
         if self.trainer.is_global_zero:
-            summary = {"initial": evaluator.initial, "final": evaluator.latest, "best": evaluator.best}
+            run = self.config[self.subcommand].run
+            summary = {"run": {"method": run.method, "dataset": run.dataset, "variant": run.variant},
+                       "initial": evaluator.initial, "final": evaluator.latest, "best": evaluator.best}
             Path(self.run_dir, "final_metrics.json").write_text(json.dumps(summary, indent=2))
             print(f"\nrun directory: {self.run_dir}\n"
                   f"{metrics_table(evaluator.initial, evaluator.latest, evaluator.best)}\n"

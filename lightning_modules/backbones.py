@@ -158,7 +158,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict; {WEIGHTS_HINT}")
+        raise TypeError(f"{path} holds a {type(obj).__name__}, not a state dict; {WEIGHTS_HINT}")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     if state and all(k.startswith("net.") for k in state):
         state = {k.removeprefix("net."): v for k, v in state.items()}

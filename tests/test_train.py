@@ -67,3 +67,10 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert state["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_misspelt_config_key_is_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train(tmp_path / "bad", "--model.optim.lrr=0.01")
+    assert "lrr" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -119,3 +119,72 @@ class EmbeddingEvaluator(L.Callback):
         self.initial = dict(state_dict["initial"])
         self.latest = dict(state_dict["latest"])
         self.best = dict(state_dict["best"])
+
+
+def error_rate(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Top-1 error in percent."""
+    return 100.0 * (logits.argmax(dim=1) != target).float().mean().item()
+
+
+class ClassificationEvaluator(L.Callback):
+    """Top-1 test error (%) of a classifier module on the `role` eval loader (semi protocol: `query`).
+
+    validation_step yields "logits" (the model the method reports: val/error) and "logits_<name>" for
+    every model it keeps (val/error_<name>, e.g. student / teacher / master, for comparison), with
+    "target" and "index". Like EmbeddingEvaluator: gathered over ranks, padding dropped by index,
+    `initial` from the full sanity-check pass, then `latest` and `best` (lowest) after every validation.
+    """
+
+    def __init__(self, role: str = "query"):
+        self.role = role
+        self.initial: dict[str, float] = {}
+        self.latest: dict[str, float] = {}
+        self.best: dict[str, float] = {}
+        self._buffers: list[dict] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._buffers = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.datamodule.eval_roles[dataloader_idx] == self.role:
+            self._buffers.append({k: v.detach() for k, v in outputs.items()
+                                  if k in ("target", "index") or k.startswith("logits")})
+
+    def score(self, pl_module) -> tuple[dict[str, float], int]:
+        """({val/error[_name]: %}, number of distinct images scored) over all ranks."""
+        out, count = {}, 0
+        target, index = (torch.cat([b[k] for b in self._buffers]) for k in ("target", "index"))
+        for key in (k for k in self._buffers[0] if k.startswith("logits")):
+            logits = torch.cat([b[key] for b in self._buffers])
+            logits, truth, unique = gather_unique(pl_module, logits, target, index)
+            out["val/error" + key.removeprefix("logits")] = error_rate(logits, truth)
+            count = len(unique)
+        return out, count
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self._buffers or "logits" not in self._buffers[0]:
+            raise ValueError(f"ClassificationEvaluator needs validation_step to return 'logits' (got "
+                             f"{sorted(self._buffers[0]) if self._buffers else 'no outputs'}); use a "
+                             "classifier module such as lightning_modules.semi.SemiSupervised")
+        scores, count = self.score(pl_module)
+        if trainer.sanity_checking:
+            role_index = trainer.datamodule.eval_roles.index(self.role)
+            if count != len(trainer.val_dataloaders[role_index].dataset):
+                warnings.warn("the sanity check saw part of the eval data: set trainer.num_sanity_val_steps=-1 "
+                              "to get the random-init error")
+            elif not self.initial:  # a resumed run keeps the initial error of its first start
+                self.initial = scores
+            return
+        self.latest = scores
+        for name, value in scores.items():
+            self.best[name] = min(self.best.get(name, value), value)
+        pl_module.log_dict(self.latest, sync_dist=False, rank_zero_only=False)
+        pl_module.log_dict({f"best/{k[4:]}": v for k, v in self.best.items()}, sync_dist=False)
+
+    def state_dict(self) -> dict:
+        return {"initial": self.initial, "latest": self.latest, "best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.initial = dict(state_dict["initial"])
+        self.latest = dict(state_dict["latest"])
+        self.best = dict(state_dict["best"])

@@ -85,6 +85,19 @@ def weighted_knn_top1(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _positive_columns(query_targets: Tensor, order: Tensor, sorted_targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Gallery columns sharing each query's class, padded to the largest class: (cols, valid), (Q, P).
+
+    ``order`` sorts the gallery by target. The columns let a block read its positives' similarities
+    with a gather instead of masking all N columns.
+    """
+    first = torch.searchsorted(sorted_targets, query_targets)
+    count = torch.searchsorted(sorted_targets, query_targets, right=True) - first
+    offsets = torch.arange(max(int(count.max()), 1), device=query_targets.device)
+    cols = order[(first[:, None] + offsets).clamp_max(order.numel() - 1)]
+    return cols, offsets < count[:, None]
+
+
 def _positive_ranks(
     queries: Tensor, query_targets: Tensor, gallery: Tensor, gallery_targets: Tensor, leave_one_out: bool
 ) -> tuple[Tensor, Tensor]:
@@ -94,18 +107,20 @@ def _positive_ranks(
     leave-one-out mode the query itself is masked on the diagonal (by identity, not by position).
     """
     gallery_t = gallery.float().T
+    order = torch.argsort(gallery_targets.long(), stable=True)
+    sorted_targets = gallery_targets.long()[order]
     ranks, has_positive = [], []
     rows = block_rows(gallery.shape[0])
     for start in range(0, queries.shape[0], rows):
         sims = queries[start : start + rows].float() @ gallery_t
-        same = query_targets[start : start + rows, None] == gallery_targets[None, :]
+        cols, valid = _positive_columns(query_targets[start : start + rows].long(), order, sorted_targets)
         if leave_one_out:
             r = torch.arange(sims.shape[0], device=sims.device)
-            sims[r, r + start] = -torch.inf
-            same[r, r + start] = False
-        best_positive = sims.masked_fill(~same, -torch.inf).amax(dim=1, keepdim=True)
-        ranks.append((sims > best_positive).sum(dim=1))
-        has_positive.append(same.any(dim=1))
+            sims[r, start + r] = -torch.inf
+            valid &= cols != (start + r)[:, None]
+        best_positive = sims.gather(1, cols).masked_fill(~valid, -torch.inf).amax(dim=1, keepdim=True)
+        ranks.append((sims > best_positive).sum(dim=1, dtype=torch.int32))
+        has_positive.append(valid.any(dim=1))
     return torch.cat(ranks), torch.cat(has_positive)
 
 
@@ -140,7 +155,7 @@ def recall_at_k(
     ranks, has_positive = _positive_ranks(
         emb, targets.to(emb.device), gallery_emb, gallery_targets.to(emb.device), leave_one_out
     )
-    return {int(k): 100.0 * float((has_positive & (ranks < k)).float().mean()) for k in ks}
+    return {int(k): 100.0 * int((has_positive & (ranks < k)).sum()) / emb.shape[0] for k in ks}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -23,8 +24,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.samplers import EpochSampler, PKSampler, SubsetSampler
 from datamodules.transforms import MultiView, build_transform
 
-__all__ = ["Records", "EmbeddingDataModule", "ImageDataset", "MultiViewDataset", "EpochSampler", "load_image",
-           "sample_seed", "DatasetSizeWarning", "require_paths", "has_files", "dataset_dir", "draw_labeled"]
+__all__ = ["DatasetSizeWarning", "EmbeddingDataModule", "EpochSampler", "ImageDataset", "MultiViewDataset",
+           "Records", "dataset_dir", "draw_labeled", "has_files", "load_image", "require_paths",
+           "sample_seed"]
 
 EVAL_ROLES = ("reference", "query", "gallery")
 HIDDEN = -1  # target value of every training sample whose label the protocol hides
@@ -49,13 +51,13 @@ class Records:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def select(self, mask_or_index) -> "Records":
+    def select(self, mask_or_index) -> Records:
         index = np.flatnonzero(mask_or_index) if np.asarray(mask_or_index).dtype == bool else mask_or_index
         index = np.asarray(index, dtype=np.int64)
         items = self.items[index] if isinstance(self.items, np.ndarray) else [self.items[i] for i in index]
         return Records(items, np.asarray(self.targets)[index])
 
-    def by_class(self, classes) -> "Records":
+    def by_class(self, classes) -> Records:
         """The records whose target is in `classes`, re-labelled 0..len(classes)-1 in sorted order."""
         classes = np.sort(np.asarray(list(classes)))
         kept = self.select(np.isin(self.targets, classes))
@@ -138,6 +140,18 @@ def unreadable_images(paths: Sequence[str]) -> list[str]:
     return [f"{path}: {why}" for path, why in zip(paths, reasons) if why is not None]
 
 
+def seeded(fn: Callable, x, seed: int):
+    """fn(x) with the CPU generator (which torchvision's random transforms draw from) seeded, and its
+    previous state restored. torch.manual_seed would also seed CUDA and cost ~3 ms a call."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        return fn(x)
+    finally:
+        generator.set_state(state)
+
+
 class ImageDataset(Dataset):
     """Evaluation items: {"image", "index", "target"}; deterministic transform. The target is -1 unless
     revealed (the training split seen through the eval transform keeps its labels hidden)."""
@@ -160,9 +174,10 @@ class MultiViewDataset(Dataset):
     Accepts an int index or an (index, draw) pair from a sampler that repeats images within an epoch."""
 
     def __init__(self, records: Records, transform: Callable, num_views: int, seed: int = 0,
-                 reveal_targets: bool = False):
+                 reveal_targets: bool = False, partners: np.ndarray | None = None):
         self.records, self.views, self.seed = records, MultiView(transform, num_views), seed
         self.reveal_targets = reveal_targets
+        self.partners = partners  # views after the first come from image partners[i] (NN positives)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -174,9 +189,10 @@ class MultiViewDataset(Dataset):
     def __getitem__(self, key) -> dict:
         index, draw = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         image = load_image(self.records.items[index])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index, draw))
-            views = self.views(image)
+        views = seeded(self.views, image, sample_seed(self.seed, self.epoch, index, draw))
+        if self.partners is not None and self.partners[index] != index:
+            partner = load_image(self.records.items[self.partners[index]])
+            views[1:] = seeded(self.views, partner, sample_seed(self.seed, self.epoch, index, draw + 1))[1:]
         target = int(self.records.targets[index]) if self.reveal_targets else HIDDEN
         return {"views": views, "index": index, "target": target}
 
@@ -195,7 +211,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         eval loader `query` (test split, for val/error). Discovery callbacks grow the labeled set with
         `add_labeled` and restore it with `reset_labeled`.
     Subclasses implement `read_records()` -> {"train": Records, "test": Records} (or "query"/"gallery";
-    optionally "reference"), and set `name`, `mean`/`std` and `published_counts` as class attributes.
+    optionally "reference"), and set `name`, `mean`/`std` and `published_counts` as class attributes
+    (override `expected_counts` when the counts depend on an option).
 
     Other options:
       supervised: reveal the training targets (supervised DML baselines); P x K then runs on true labels.
@@ -214,7 +231,7 @@ class EmbeddingDataModule(L.LightningDataModule):
     protocols: tuple[str, ...] = ("seen", "unseen")
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    published_counts: dict[str, int] = {}
+    published_counts: ClassVar[dict[str, int]] = {}  # reader split -> images in the official release
 
     def __init__(
         self,
@@ -264,6 +281,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.splits: dict[str, Records] | None = None
         self.pseudo_labels: np.ndarray | None = None
         self._pk_sampler: PKSampler | None = None
+        self.positive_partners: np.ndarray | None = None
+        self._train_set: MultiViewDataset | None = None
         self._original_labeled: np.ndarray | None = None
         self._label_table: np.ndarray | None = None  # semi: label per train image, -1 = unlabeled
 
@@ -280,16 +299,16 @@ class EmbeddingDataModule(L.LightningDataModule):
         splits = self.protocol_splits(records)
         for role, split in splits.items():
             if len(split) == 0:
-                raise ValueError(f"{self.name}: the {role!r} split is empty; --data.root {self.root!r} must hold "
-                                 f"the whole dataset")
+                raise ValueError(f"{self.name}: the {role!r} split is empty; --data.root {self.root!r} must "
+                                 "hold the whole dataset")
         if self.verify_images:
             self.check_images(splits)
-        self.splits = splits
         if self.protocol == "semi":
-            self._original_labeled = draw_labeled(np.asarray(splits["train"].targets), self.labels_per_class,
-                                                  self.split_seed)
-            self._label_table = np.full(len(splits["train"]), HIDDEN, dtype=np.int64)
-            self.reset_labeled()
+            targets = np.asarray(splits["train"].targets)
+            self._original_labeled = draw_labeled(targets, self.labels_per_class, self.split_seed)
+            self._label_table = np.empty(len(targets), dtype=np.int64)
+            self._restore_drawn_labels(targets)
+        self.splits = splits
 
     def protocol_splits(self, records: dict[str, Records]) -> dict[str, Records]:
         """Map the reader's splits to the training set and the eval roles of the protocol."""
@@ -300,13 +319,18 @@ class EmbeddingDataModule(L.LightningDataModule):
             return {"train": records["train"], "query": records["query"], "gallery": records["gallery"]}
         return {"train": records["train"], "query": records["test"]}
 
+    def expected_counts(self) -> dict[str, int]:
+        """Published image count per reader split, for the variant configured (default: the class's)."""
+        return self.published_counts
+
     def warn_on_counts(self, records: dict[str, Records]) -> None:
         """Warn (not fail: test fixtures are tiny) when a split's size differs from the published one."""
-        lines = [f"{self.name} {split}: {len(records[split]):,} images, published {expected:,}"
-                 f" ({abs(len(records[split]) - expected):,} "
-                 f"{'fewer' if len(records[split]) < expected else 'more'})"
-                 for split, expected in self.published_counts.items()
-                 if split in records and len(records[split]) != expected]
+        lines = []
+        for split, expected in self.expected_counts().items():
+            count = len(records[split]) if split in records else expected
+            if count != expected:
+                lines.append(f"{self.name} {split}: {count:,} images, published {expected:,} "
+                             f"({abs(count - expected):,} {'fewer' if count < expected else 'more'})")
         if lines:
             rank_zero_warn("; ".join(lines) + f". Results on a partial copy under {self.root!r} are not "
                            "comparable with the papers.", category=DatasetSizeWarning)
@@ -330,7 +354,7 @@ class EmbeddingDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> dict[str, int]:
         self.setup()
-        return {role: int(len(np.unique(r.targets[r.targets >= 0]))) for role, r in self.splits.items()}
+        return {role: len(np.unique(r.targets[r.targets >= 0])) for role, r in self.splits.items()}
 
     # -- pseudo labels (P x K sampling) ------------------------------------------------------------
     def set_pseudo_labels(self, labels) -> None:
@@ -345,6 +369,20 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.pseudo_labels = labels
         if self._pk_sampler is not None:
             self._pk_sampler.set_labels(labels)
+
+    def set_positive_partners(self, partners) -> None:
+        """partners[i]: the training image whose augmentation is image i's positive view (i itself = a
+        second view of the same image; ISIF's nearest-neighbour positives otherwise). Applies from the next
+        epoch's iterator on (call it in on_fit_start for the first epoch). Every rank passes the same."""
+        self.setup()
+        partners = torch.as_tensor(partners).detach().cpu().numpy().astype(np.int64)
+        n = len(self.splits["train"])
+        if partners.shape != (n,) or partners.min() < 0 or partners.max() >= n:
+            raise ValueError(f"set_positive_partners: need {n} indices into the training split, got shape "
+                             f"{partners.shape}")
+        self.positive_partners = partners
+        if self._train_set is not None:
+            self._train_set.partners = partners
 
     # -- semi-supervised labeled set -------------------------------------------------------------
     def _require_semi(self) -> None:
@@ -373,7 +411,9 @@ class EmbeddingDataModule(L.LightningDataModule):
         """The unlabeled pool (fixed for the run): images outside the drawn labeled set, or all of them."""
         self._require_semi()
         everything = np.arange(len(self.splits["train"]))
-        return everything if self.unlabeled_includes_labeled else np.setdiff1d(everything, self._original_labeled)
+        if self.unlabeled_includes_labeled:
+            return everything
+        return np.setdiff1d(everything, self._original_labeled)
 
     def add_labeled(self, indices, labels) -> None:
         """Give (pseudo) labels to unlabeled train images (sample discovery); used by the labeled loader from
@@ -381,9 +421,10 @@ class EmbeddingDataModule(L.LightningDataModule):
         self._require_semi()
         indices = torch.as_tensor(indices).detach().cpu().numpy().astype(np.int64)
         labels = torch.as_tensor(labels).detach().cpu().numpy().astype(np.int64)
-        classes = self.num_classes["train"]
+        classes = int(self.splits["train"].targets.max()) + 1
         if indices.ndim != 1 or indices.shape != labels.shape:
-            raise ValueError(f"add_labeled: indices {indices.shape} and labels {labels.shape} must be 1-D and aligned")
+            raise ValueError(f"add_labeled: indices {indices.shape} and labels {labels.shape} must be "
+                             "1-D and aligned")
         if len(np.unique(indices)) != len(indices) or indices.min(initial=0) < 0 \
                 or indices.max(initial=0) >= len(self._label_table):
             raise ValueError("add_labeled: indices must be distinct train-split indices")
@@ -391,15 +432,19 @@ class EmbeddingDataModule(L.LightningDataModule):
             raise ValueError(f"add_labeled: labels must lie in 0..{classes - 1}")
         already = indices[self._label_table[indices] >= 0]
         if len(already):
-            raise ValueError(f"add_labeled: {len(already)} images already have a label (e.g. index {already[0]}); "
-                             "discover among the images outside labeled_indices, or reset_labeled() first")
+            raise ValueError(f"add_labeled: {len(already)} images already have a label (e.g. index "
+                             f"{already[0]}); discover among the images outside labeled_indices, or call "
+                             "reset_labeled() first")
         self._label_table[indices] = labels
 
     def reset_labeled(self) -> None:
         """Back to the drawn labeled set (a new Snowball generation), in place so live loaders see it."""
         self._require_semi()
+        self._restore_drawn_labels(np.asarray(self.splits["train"].targets))
+
+    def _restore_drawn_labels(self, targets: np.ndarray) -> None:
         self._label_table[:] = HIDDEN
-        self._label_table[self._original_labeled] = self.splits["train"].targets[self._original_labeled]
+        self._label_table[self._original_labeled] = targets[self._original_labeled]
 
     # -- state (resume) -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -428,14 +473,19 @@ class EmbeddingDataModule(L.LightningDataModule):
             raise ValueError(f"batch size {batch_size} is not divisible by the {world} processes")
         return batch_size // world
 
-    def _loader(self, dataset: Dataset, sampler: DistributedSampler, batch_size: int, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: DistributedSampler, batch_size: int,
+                drop_last: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
+    def _loader_epoch(self) -> int:
+        """The epoch Lightning will pass to set_epoch. A resumed fit builds its first iterator (and its
+        workers, with a copy of the dataset) before that call, so the loader must start there already."""
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+
     def _training_loader(self, dataset: Dataset, sampler: EpochSampler, batch_size: int,
                          drop_last: bool = True) -> DataLoader:
-        # A resumed run builds its first iterator before Lightning calls set_epoch: start at the right epoch.
-        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        sampler.set_epoch(self._loader_epoch())
         if drop_last and len(sampler) < batch_size:
             raise ValueError(f"{self.name}: {len(sampler)} training images per process, fewer than one batch "
                              f"of {batch_size}; lower --data.batch_size")
@@ -443,8 +493,10 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     def train_dataset(self) -> MultiViewDataset:
         self.setup()
-        return MultiViewDataset(self.splits["train"], self.train_transform, self.num_views, seed=self.seed,
-                                reveal_targets=self.supervised)
+        self._train_set = MultiViewDataset(self.splits["train"], self.train_transform, self.num_views,
+                                           seed=self.seed, reveal_targets=self.supervised,
+                                           partners=self.positive_partners)
+        return self._train_set
 
     def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
         if self.protocol == "semi":
@@ -454,8 +506,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         per_rank = self._per_rank(self.batch_size)
         if self.sampler == "pk":
             if per_rank % self.samples_per_class:
-                raise ValueError(f"{per_rank} images per process and batch is not a multiple of samples_per_class "
-                                 f"{self.samples_per_class}; change --data.batch_size")
+                raise ValueError(f"{per_rank} images per process and batch is not a multiple of "
+                                 f"samples_per_class {self.samples_per_class}; change --data.batch_size")
             labels = self.splits["train"].targets if self.supervised else self.pseudo_labels
             self._pk_sampler = PKSampler(labels, per_rank // self.samples_per_class, self.samples_per_class,
                                          num_replicas=world, rank=rank, seed=self.seed, dataset=dataset)
@@ -469,7 +521,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         self._require_semi()
         dataset = MultiViewDataset(self.splits["train"], self.train_transform, self.num_views, seed=self.seed)
         world, rank = self._world()
-        sampler = SubsetSampler(dataset, self.unlabeled_indices, num_replicas=world, rank=rank, seed=self.seed)
+        sampler = SubsetSampler(dataset, self.unlabeled_indices, num_replicas=world, rank=rank,
+                                seed=self.seed)
         return self._training_loader(dataset, sampler, self._per_rank(self.batch_size))
 
     def labeled_dataloader(self) -> DataLoader:
@@ -495,7 +548,8 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     def eval_dataloader(self, role: str) -> DataLoader:
         if role not in self.eval_roles:
-            raise ValueError(f"no eval role {role!r} under protocol {self.protocol!r}; roles: {self.eval_roles}")
+            raise ValueError(f"no eval role {role!r} under protocol {self.protocol!r}; roles: "
+                             f"{self.eval_roles}")
         return self._eval_loader(self.splits[role], reveal_targets=True)
 
     def train_eval_dataloader(self, reveal_targets: bool = False) -> DataLoader:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100
@@ -40,7 +41,7 @@ class CIFAR10DataModule(EmbeddingDataModule):
     protocols = ("seen", "semi")
     mean = (0.4914, 0.4822, 0.4465)  # ISIF/NPID code values (std as in that code, not the true 0.247...)
     std = (0.2023, 0.1994, 0.2010)
-    published_counts = {"train": 50_000, "test": 10_000}
+    published_counts: ClassVar[dict[str, int]] = {"train": 50_000, "test": 10_000}
     source = CIFAR10  # torchvision class that knows the archive's URL and md5
     train_files = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")
     test_files = ("test_batch",)
@@ -60,11 +61,12 @@ class CIFAR10DataModule(EmbeddingDataModule):
 
     def read_records(self) -> dict[str, Records]:
         self.prepare_data()
-        folder = dataset_dir(self.name, self.root, self.source.base_folder, (*self.train_files, *self.test_files),
-                             CIFAR_URL, hint="; or pass --data.download true to fetch it with torchvision")
+        files = (*self.train_files, *self.test_files)
+        folder = dataset_dir(self.name, self.root, self.source.base_folder, files, CIFAR_URL,
+                             hint="; or pass --data.download true to fetch it with torchvision")
 
-        def read(files) -> Records:
-            parts = [read_cifar_file(folder / f, self.label_key) for f in files]
+        def read(names: tuple[str, ...]) -> Records:
+            parts = [read_cifar_file(folder / name, self.label_key) for name in names]
             return Records(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
         return {"train": read(self.train_files), "test": read(self.test_files)}

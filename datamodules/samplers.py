@@ -1,18 +1,18 @@
 """Samplers that shard across processes themselves, and reshuffle from (seed, epoch) alone.
 
 All are `DistributedSampler` subclasses, so Lightning leaves them in place under DDP instead of
-injecting its own, and all forward `set_epoch` to the dataset for its seeded augmentations.
-SubsetSampler and PKSampler can repeat an image within an epoch, so they yield (index, draw) pairs:
-`draw` counts the earlier draws of that index in the epoch, and MultiViewDataset seeds on it, so a
-repeated image gets a fresh augmentation rather than a copy of its first one.
+injecting its own, and all forward `set_epoch` to the dataset for its seeded augmentations:
   EpochSampler   every item once per epoch (the plain shuffled loader)
   SubsetSampler  a subset of the items (e.g. the unlabeled pool), optionally repeated to a fixed length
                  (the small labeled set of a semi-supervised run, cycled as MixMatch does)
   PKSampler      P classes x K images per batch over true or pseudo labels, re-keyable between epochs
+SubsetSampler and PKSampler can repeat an image within an epoch, so they yield (index, draw) pairs:
+`draw` counts the earlier draws of that index in the epoch, and MultiViewDataset seeds on it, so a
+repeated image gets a fresh augmentation rather than a copy of its first one.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Sized
+from collections.abc import Callable, Sequence, Sized
 
 import numpy as np
 from torch.utils.data import DistributedSampler
@@ -78,7 +78,7 @@ class SubsetSampler(EpochSampler):
 
 
 class PKSampler(EpochSampler):
-    """Flat index stream whose consecutive chunks of P*K are batches of P classes x K images.
+    """A stream of (index, draw) whose consecutive chunks of P*K are batches of P classes x K images.
 
     Use with `DataLoader(batch_size=P*K, drop_last=True)`. Labels < 0 (unassigned) are never drawn.
     Each epoch the items of every class are dealt round-robin to the ranks (seeded by seed+epoch, the
@@ -124,19 +124,20 @@ class PKSampler(EpochSampler):
         valid = valid[np.argsort(self.labels[valid], kind="stable")]
         classes, starts, counts = np.unique(self.labels[valid], return_index=True, return_counts=True)
         position = np.arange(len(valid)) - np.repeat(starts, counts)
-        owner = (position + np.repeat(rng.integers(self.num_replicas, size=len(classes)), counts)) % self.num_replicas
+        offset = np.repeat(rng.integers(self.num_replicas, size=len(classes)), counts)
+        owner = (position + offset) % self.num_replicas
         mine = valid[owner == self.rank]
         return {int(c): mine[self.labels[mine] == c] for c in np.unique(self.labels[mine])}
 
     def _batches(self) -> np.ndarray:
         if self.labels is None:
-            raise RuntimeError("PKSampler has no labels yet: call datamodule.set_pseudo_labels(labels) before "
-                               "the first epoch (a pseudo-label callback does it in on_fit_start)")
+            raise RuntimeError("PKSampler has no labels yet: call datamodule.set_pseudo_labels(labels) "
+                               "before the first epoch (a pseudo-label callback does it in on_fit_start)")
         share = self._my_share()
         P, K = self.classes_per_batch, self.samples_per_class
         if len(share) < P:
-            raise ValueError(f"PKSampler: this process has images of {len(share)} classes, fewer than P={P} per "
-                             f"batch; lower batch_size or raise samples_per_class")
+            raise ValueError(f"PKSampler: this process has images of {len(share)} classes, fewer than P={P} "
+                             "per batch; lower batch_size or raise samples_per_class")
         rng = epoch_rng(self.seed, self.epoch, self.rank + 1)
         classes = np.array(sorted(share))
         queues: dict[int, list[int]] = {}

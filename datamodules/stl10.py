@@ -25,7 +25,8 @@ def read_stl_images(path: Path) -> np.ndarray:
     """(N, 96, 96, 3) uint8 from a column-major STL-10 image file."""
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size % (3 * 96 * 96):
-        raise ValueError(f"{path}: {raw.size} bytes is not a whole number of 3x96x96 images; the file is truncated")
+        raise ValueError(f"{path}: {raw.size} bytes is not a whole number of 3x96x96 images; the file is "
+                         "truncated: download it again")
     # file order per image: channel, column (x), row (y) -> (N, C, X, Y) -> (N, Y, X, C)
     return np.ascontiguousarray(raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1))
 
@@ -51,11 +52,13 @@ class STL10DataModule(EmbeddingDataModule):
         if train_split not in TRAIN_SPLITS:
             raise ValueError(f"train_split {train_split!r} is not one of {TRAIN_SPLITS}")
         if train_split == "train+unlabeled" and kwargs.get("supervised"):
-            raise ValueError("supervised training needs labels: use train_split 'train' (the unlabeled 100K have none)")
+            raise ValueError("supervised training needs labels: use train_split 'train' (the unlabeled 100K "
+                             "have none)")
         super().__init__(root=root, image_size=image_size, **kwargs)
         self.train_split, self.download = train_split, download
-        self.published_counts = {"train": 5_000 if train_split == "train" else 105_000,
-                                 "reference": 5_000, "test": 8_000}
+
+    def expected_counts(self) -> dict[str, int]:
+        return {"train": 5_000 if self.train_split == "train" else 105_000, "reference": 5_000, "test": 8_000}
 
     def _files(self) -> tuple[str, ...]:
         labeled = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
@@ -77,6 +80,7 @@ class STL10DataModule(EmbeddingDataModule):
         train = labeled
         if self.train_split == "train+unlabeled":
             unlabeled = read_stl_images(folder / "unlabeled_X.bin")
+            hidden = np.full(len(unlabeled), HIDDEN, dtype=np.int64)
             train = Records(np.concatenate([labeled.items, unlabeled]),
-                            np.concatenate([labeled.targets, np.full(len(unlabeled), HIDDEN, dtype=np.int64)]))
+                            np.concatenate([labeled.targets, hidden]))
         return {"train": train, "reference": labeled, "test": test}

@@ -8,6 +8,7 @@ Protocols: semi (Snowball, LMCS) and seen (unsupervised kNN, our addition for th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from scipy.io import loadmat
@@ -38,7 +39,7 @@ class SVHNDataModule(EmbeddingDataModule):
     protocols = ("seen", "semi")
     mean = (0.4377, 0.4438, 0.4728)  # SVHN train statistics [R]
     std = (0.1980, 0.2010, 0.1970)
-    published_counts = {"train": 73_257, "test": 26_032}
+    published_counts: ClassVar[dict[str, int]] = {"train": 73_257, "test": 26_032}
 
     def __init__(self, root: str | None = None, image_size: int = 32, download: bool = False, **kwargs):
         super().__init__(root=root, image_size=image_size, **kwargs)

@@ -21,12 +21,13 @@ Presets (train and eval are separate presets, chosen in config):
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torchvision import transforms as T
 
 OPS = ("crop", "color", "gray", "flip", "rotate", "blur")
-PRESETS = ("npid", "simclr", "weak", "plain", "fine_grained", "center", "resized_crop", "resize_center", "digits")
+PRESETS = ("npid", "simclr", "weak", "plain", "fine_grained", "center", "resized_crop", "resize_center",
+           "digits")
 
 
 def _ops(preset: str, size: int) -> list[tuple[str, Callable]]:
@@ -46,7 +47,8 @@ def _ops(preset: str, size: int) -> list[tuple[str, Callable]]:
         return [("flip", T.RandomHorizontalFlip()),
                 ("crop", T.RandomCrop(size, padding=size // 8, padding_mode="reflect"))]
     if preset == "fine_grained":
-        return [("resize", T.Resize((256, 256))), ("crop", T.RandomCrop(size)), ("flip", T.RandomHorizontalFlip())]
+        return [("resize", T.Resize((256, 256))), ("crop", T.RandomCrop(size)),
+                ("flip", T.RandomHorizontalFlip())]
     if preset == "center":
         return [("resize", T.Resize((256, 256))), ("center", T.CenterCrop(size))]
     if preset == "resized_crop":

@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks.evaluation import EmbeddingEvaluator
+from callbacks.evaluation import ClassificationEvaluator, EmbeddingEvaluator
 from datamodules.base import EmbeddingDataModule
 from lightning_modules.base import EmbeddingModule
 
@@ -111,19 +111,23 @@ class SuiteCLI(LightningCLI):
         Path(self.run_dir, "config.yaml").write_text(config)
 
     def after_fit(self) -> None:
-        evaluator = next(c for c in self.trainer.callbacks if isinstance(c, EmbeddingEvaluator))
+        # every evaluator's initial / latest / best, merged (a semi run adds ClassificationEvaluator's val/error)
+        kinds = (EmbeddingEvaluator, ClassificationEvaluator)
+        evaluators = [c for c in self.trainer.callbacks if isinstance(c, kinds)]
+        initial, final, best = ({k: v for e in evaluators for k, v in getattr(e, part).items()}
+                                for part in ("initial", "latest", "best"))
         if self.trainer.is_global_zero:
             run = self.config[self.subcommand].run
             summary = {"run": {"method": run.method, "dataset": run.dataset, "variant": run.variant},
-                       "initial": evaluator.initial, "final": evaluator.latest, "best": evaluator.best}
+                       "initial": initial, "final": final, "best": best}
             Path(self.run_dir, "final_metrics.json").write_text(json.dumps(summary, indent=2))
             print(f"\nrun directory: {self.run_dir}\n"
-                  f"{metrics_table(evaluator.initial, evaluator.latest, evaluator.best)}\n"
+                  f"{metrics_table(initial, final, best)}\n"
                   "(final = last epoch, the number to report; best = best over epochs, for comparison only)")
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.experiment.summary.update(
-                        {**{f"initial/{k[4:]}": v for k, v in evaluator.initial.items()}, **evaluator.latest})
+                        {**{f"initial/{k[4:]}": v for k, v in initial.items()}, **final})
                     logger.experiment.finish()
 
 

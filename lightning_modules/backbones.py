@@ -60,6 +60,29 @@ class Trunk(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def feature_map(self, x: Tensor) -> Tensor:
+        """(B, C, h, w): the last spatial map, whose global average is `forward(x)`; attention modules
+        (TAC-CCL's CBAM) act on it. timm nets give it by `forward_features`; the others are read at the
+        input of their final global pooling."""
+        if hasattr(self.net, "forward_features"):
+            fmap = self.net.forward_features(x)
+        else:
+            pools = [m for m in self.net.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+            if not pools:
+                raise ValueError(f"{type(self.net).__name__} has no global average pooling to read a feature "
+                                 "map before; use a convolutional backbone")
+            captured: list[Tensor] = []
+            handle = pools[-1].register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+            try:
+                self.net(x)
+            finally:
+                handle.remove()
+            fmap = captured[0]
+        if fmap.ndim != 4:
+            raise ValueError(f"backbone gives a {tuple(fmap.shape)} feature map, not (B, C, h, w); use a "
+                             "convolutional backbone")
+        return fmap
+
 
 # -- architectures -------------------------------------------------------------------------------
 def _kaiming_conv(in_chans: int, out_chans: int, kernel: int, stride: int, padding: int) -> nn.Conv2d:
@@ -120,12 +143,163 @@ def _small_cnn(in_chans: int) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), channels
 
 
+# -- semi-supervised 32x32 networks (Snowball, LMCS) ----------------------------------------------
+class GaussianNoise(nn.Module):
+    """Additive input noise while training (Mean Teacher's ConvNet-13, sigma 0.15); each forward draws
+    its own, so student and teacher see independent noise."""
+
+    def __init__(self, std: float) -> None:
+        super().__init__()
+        self.std = std
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.std * torch.randn_like(x) if self.training and self.std > 0 else x
+
+
+def _convnet13(in_chans: int, variant: str) -> tuple[nn.Module, int]:
+    """The 13-layer CNN of the Pi-model / Mean Teacher for 32x32 inputs (about 3.1 M parameters):
+    3x conv3x3 128, max-pool, 3x conv3x3 256, max-pool, conv3x3 512 valid, conv1x1 256, conv1x1 128,
+    global average pool (128-d).
+    variant "mt": Mean Teacher's: input noise 0.15, weight-normed conv -> BN -> LeakyReLU(0.1),
+      dropout 0.5 after each pool.
+    variant "mixmatch": MixMatch's CNN13: conv -> LeakyReLU(0.2) -> BN, no noise and no dropout."""
+    mt = variant == "mt"
+
+    def unit(cin: int, cout: int, kernel: int, padding: int) -> list[nn.Module]:
+        conv = nn.Conv2d(cin, cout, kernel, padding=padding)
+        if mt:
+            return [nn.utils.parametrizations.weight_norm(conv), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1)]
+        return [conv, nn.LeakyReLU(0.2), nn.BatchNorm2d(cout)]
+
+    def pool() -> list[nn.Module]:
+        return [nn.MaxPool2d(2, 2), *([nn.Dropout(0.5)] if mt else [])]
+
+    layers: list[nn.Module] = [GaussianNoise(0.15)] if mt else []
+    layers += unit(in_chans, 128, 3, 1) + unit(128, 128, 3, 1) + unit(128, 128, 3, 1) + pool()
+    layers += unit(128, 256, 3, 1) + unit(256, 256, 3, 1) + unit(256, 256, 3, 1) + pool()
+    layers += unit(256, 512, 3, 0) + unit(512, 256, 1, 0) + unit(256, 128, 1, 0)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 128
+
+
+class _Shake(torch.autograd.Function):
+    """Per-image random convex mix of two branches: gate ~ U(0, 1) forward, a fresh gate backward."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        gate = a.new_empty(a.shape[0], 1, 1, 1).uniform_()
+        return gate * a + (1 - gate) * b
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        gate = grad.new_empty(grad.shape[0], 1, 1, 1).uniform_()
+        return gate * grad, (1 - gate) * grad
+
+
+class _ShiftConvDownsample(nn.Module):
+    """Mean Teacher's stride-2 shortcut: the two pixel lattices (even/odd offsets) side by side,
+    ReLU, a grouped 1x1 conv and BN."""
+
+    def __init__(self, in_chans: int, out_chans: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2 * in_chans, out_chans, 1, groups=2, bias=False)
+        self.bn = nn.BatchNorm2d(out_chans)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 1::2]], dim=1)
+        return self.bn(self.conv(torch.relu(x)))
+
+
+class _ShakeShakeBlock(nn.Module):
+    """Two ReLU-conv-BN-ReLU-conv-BN branches mixed by shake-shake (their mean at evaluation)."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Sequential(
+            nn.ReLU(), nn.Conv2d(in_chans, out_chans, 3, stride, 1, bias=False), nn.BatchNorm2d(out_chans),
+            nn.ReLU(), nn.Conv2d(out_chans, out_chans, 3, 1, 1, bias=False), nn.BatchNorm2d(out_chans))
+            for _ in range(2))
+        if stride == 2:
+            self.shortcut: nn.Module = _ShiftConvDownsample(in_chans, out_chans)
+        elif in_chans != out_chans:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_chans, out_chans, 1, bias=False), nn.BatchNorm2d(out_chans))
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = (branch(x) for branch in self.branches)
+        mixed = _Shake.apply(a, b) if self.training else 0.5 * (a + b)
+        return self.shortcut(x) + mixed
+
+
+def _shakeshake26(in_chans: int, width: int = 96) -> tuple[nn.Module, int]:
+    """Mean Teacher's `cifar_shakeshake26` (ResNet-26, shake-shake 2x96d): conv3x3 16, three stages of
+    four shake-shake blocks (96/192/384 channels; shift-conv downsampling), global average pool (384-d).
+    Its two classifier heads belong to the method (SemiSupervised `two_heads`)."""
+    layers: list[nn.Module] = [nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)]
+    channels = 16
+    for stage, out in enumerate((width, 2 * width, 4 * width)):
+        for block in range(4):
+            layers.append(_ShakeShakeBlock(channels, out, stride=2 if stage and not block else 1))
+            channels = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    net = nn.Sequential(*layers)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net, channels
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation residual block of MixMatch's WRN: BN-LReLU(0.1)-conv3x3-BN-LReLU-conv3x3, a 1x1
+    conv shortcut where the width changes. The first block of the network also feeds its activated
+    input to the shortcut (`activate_shortcut`)."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int, activate_shortcut: bool = False) -> None:
+        super().__init__()
+        self.activate_shortcut = activate_shortcut
+        self.pre = nn.Sequential(nn.BatchNorm2d(in_chans, momentum=0.001), nn.LeakyReLU(0.1))
+        self.body = nn.Sequential(
+            nn.Conv2d(in_chans, out_chans, 3, stride, 1, bias=False), nn.BatchNorm2d(out_chans, momentum=0.001),
+            nn.LeakyReLU(0.1), nn.Conv2d(out_chans, out_chans, 3, 1, 1, bias=False))
+        self.shortcut = (nn.Conv2d(in_chans, out_chans, 1, stride, bias=False) if in_chans != out_chans
+                         else nn.Identity())
+
+    def forward(self, x: Tensor) -> Tensor:
+        activated = self.pre(x)
+        return self.shortcut(activated if self.activate_shortcut else x) + self.body(activated)
+
+
+def _wrn28(in_chans: int, filters: int) -> tuple[nn.Module, int]:
+    """MixMatch's Wide ResNet-28: conv3x3 16, three stages of four pre-activation blocks (filters x 1, 2,
+    4; BN momentum 0.001 = TF's 0.999), BN-LReLU(0.1), global average pool. filters=32 is WRN-28-2
+    (1.47 M parameters, 128-d); filters=135 is MixMatch's large model (about 26 M)."""
+    layers: list[nn.Module] = [nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)]
+    channels = 16
+    for stage, out in enumerate((filters, 2 * filters, 4 * filters)):
+        for block in range(4):
+            layers.append(_WideBlock(channels, out, stride=2 if stage and not block else 1,
+                                     activate_shortcut=stage == 0 and block == 0))
+            channels = out
+    layers += [nn.BatchNorm2d(channels, momentum=0.001), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    net = nn.Sequential(*layers)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+    return net, channels
+
+
 _ARCHS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "cifar_resnet18": _cifar_resnet18,
     "resnet18": partial(_imagenet_resnet, "resnet18"),
     "resnet50": partial(_imagenet_resnet, "resnet50"),
     "googlenet": _googlenet,
     "small_cnn": _small_cnn,
+    "convnet13": partial(_convnet13, variant="mt"),
+    "convnet13_mixmatch": partial(_convnet13, variant="mixmatch"),
+    "shakeshake26": _shakeshake26,
+    "wrn28_2": partial(_wrn28, filters=32),
+    "wrn28_135": partial(_wrn28, filters=135),
 }
 
 
@@ -213,7 +387,8 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | None = No
                    frozen_bn: bool = False, in_chans: int = 3) -> tuple[Trunk, int]:
     """(trunk, D): a `Trunk` mapping (B, in_chans, H, W) images to (B, D) pooled features.
 
-    `name` is one of cifar_resnet18, resnet18, resnet50, googlenet, small_cnn, or `timm:<model>`.
+    `name` is one of cifar_resnet18, resnet18, resnet50, googlenet, small_cnn, convnet13,
+    convnet13_mixmatch, shakeshake26, wrn28_2, wrn28_135, or `timm:<model>`.
     `pretrained=True` loads `weights` (a local file) or, without it, downloads the published weights.
     """
     if weights is not None and not pretrained:

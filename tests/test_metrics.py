@@ -1,0 +1,195 @@
+"""Metric math (callbacks.metrics) on cases computed by hand."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+from callbacks import metrics, search
+
+T = torch.tensor
+
+
+# ----------------------------------------------------------------------------------------------------
+# weighted kNN
+# ----------------------------------------------------------------------------------------------------
+
+# Query (1, 0) of class 0 sees: r0 = (1, 0) class 0 (cos 1.0), r1 = (0.8, 0.6) and r2 = (0.8, -0.6)
+# class 1 (cos 0.8 each), r3 = (-1, 0) class 2 (cos -1).
+REF = T([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6], [-1.0, 0.0]])
+REF_Y = T([0, 1, 1, 2])
+QUERY, QUERY_Y = T([[1.0, 0.0]]), T([0])
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_knn_weighted_vote_beats_majority(backend):
+    # k = 3, sigma = 0.1: class 0 scores e^10 = 22026.5 > class 1 scores 2 e^8 = 5961.9 -> class 0,
+    # although the majority of the 3 neighbours is class 1.
+    assert math.exp(1.0 / 0.1) == pytest.approx(22026.47, abs=0.01)
+    assert 2 * math.exp(0.8 / 0.1) == pytest.approx(5961.92, abs=0.01)
+    assert (
+        metrics.weighted_knn_top1(QUERY, QUERY_Y, REF, REF_Y, k=3, temperature=0.1, backend=backend) == 100.0
+    )
+    # sigma = 1: class 0 scores e^1 = 2.718 < class 1 scores 2 e^0.8 = 4.451 -> class 1, wrong.
+    assert 2 * math.exp(0.8) == pytest.approx(4.451, abs=1e-3)
+    assert metrics.weighted_knn_top1(QUERY, QUERY_Y, REF, REF_Y, k=3, temperature=1.0, backend=backend) == 0.0
+
+
+def test_knn_k_is_clipped_and_limits_the_voters():
+    # k = 200 > 4 references: all 4 vote; r3 adds e^-1 = 0.37 to class 2, class 1 still wins at sigma = 1.
+    assert metrics.weighted_knn_top1(QUERY, QUERY_Y, REF, REF_Y, k=200, temperature=1.0) == 0.0
+    # k = 1: only r0 votes, so even sigma = 1 predicts class 0.
+    assert metrics.weighted_knn_top1(QUERY, QUERY_Y, REF, REF_Y, k=1, temperature=1.0) == 100.0
+
+
+def test_knn_accuracy_is_a_percentage_of_queries():
+    # k = 1: (1,0)->r0 class 0 ok; (-1,0)->r3 class 2 ok; (0,1)->r1 class 1 ok; (0,-1)->r2 class 1, truth 0.
+    queries = T([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert metrics.weighted_knn_top1(queries, T([0, 2, 1, 0]), REF, REF_Y, k=1) == 75.0
+
+
+def test_knn_tie_goes_to_lowest_class_id():
+    # (1,0) has cos 0.6 to both references: equal weights e^6 for classes 2 and 1 -> class 1.
+    ref, ref_y = T([[0.6, 0.8], [0.6, -0.8]]), T([2, 1])
+    assert metrics.weighted_knn_top1(QUERY, T([1]), ref, ref_y, k=2) == 100.0
+    assert metrics.weighted_knn_top1(QUERY, T([2]), ref, ref_y, k=2) == 0.0
+
+
+def test_knn_backends_agree_and_errors():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.nn.functional.normalize(torch.randn(400, 16, generator=g), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(100, 16, generator=g), dim=1)
+    ref_y, q_y = torch.randint(0, 5, (400,), generator=g), torch.randint(0, 5, (100,), generator=g)
+    args = (q, q_y, ref, ref_y)
+    assert metrics.weighted_knn_top1(*args, k=20, backend="faiss") == metrics.weighted_knn_top1(
+        *args, k=20, backend="torch"
+    )
+    with pytest.raises(ValueError, match="num_classes=3"):
+        metrics.weighted_knn_top1(*args, num_classes=3)
+    with pytest.raises(ValueError, match=r"\(100, 16\) and \(99,\)"):
+        metrics.weighted_knn_top1(q, q_y[:99], ref, ref_y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recall@K
+# ----------------------------------------------------------------------------------------------------
+
+U, W = [1.0, 0.0], [0.5, math.sqrt(3) / 2]  # cos(U, W) = 0.5 exactly in float32
+NEG_U = [-1.0, 0.0]
+
+
+def test_recall_same_class_duplicate_hits_and_ties_favour_the_positive():
+    # r0 = r1 = r2 = U (classes 0, 0, 1), r3 = -U (class 1).
+    # r0: positive r1 at 1.0, negative r2 ties at 1.0 -> rank 0 -> hit@1 (same for r1).
+    # r2: best positive r3 at -1, negatives r0, r1 at 1.0 -> rank 2 -> hit only from K = 3.
+    # r3: positive r2 at -1, negatives r0, r1 tie at -1 -> rank 0 -> hit@1.
+    emb, y = T([U, U, U, NEG_U]), T([0, 0, 1, 1])
+    assert metrics.recall_at_k(emb, y, [1, 2, 3, 4]) == {1: 75.0, 2: 75.0, 3: 100.0, 4: 100.0}
+
+
+def test_recall_other_class_duplicate_does_not_take_the_self_slot():
+    # r0 = U (class 0), r1 = U (class 1, duplicate of r0), r2 = W (class 0), r3 = -U (class 1).
+    # r0: best positive r2 at 0.5; negative r1 at 1.0 above it -> rank 1 -> miss@1, hit@2.
+    #     (Dropping column 0 of a top-2 that lists r1 before r0 would keep r0 itself: a false hit@1.)
+    # r1: best positive r3 at -1; negatives r0 (1.0), r2 (0.5) above -> rank 2 -> hit from K = 3.
+    # r2: positive r0 at 0.5 ties with negative r1 at 0.5 -> rank 0 -> hit@1.
+    # r3: positive r1 at -1; negative r2 at -0.5 above, r0 ties at -1 -> rank 1 -> hit@2.
+    emb, y = T([U, U, W, NEG_U]), T([0, 1, 0, 1])
+    assert metrics.recall_at_k(emb, y, [1, 2, 3]) == {1: 25.0, 2: 75.0, 3: 100.0}
+
+
+def test_recall_class_of_one_image_always_misses():
+    # r2 (class 5) has no positive: a miss even at K = 2, where every other row is retrieved.
+    emb, y = T([U, U, W]), T([0, 0, 5])
+    assert metrics.recall_at_k(emb, y, [1, 2]) == pytest.approx({1: 200 / 3, 2: 200 / 3})
+    assert metrics.recall_at_k(T([U]), T([0]), [1]) == {1: 0.0}
+
+
+def test_recall_query_to_gallery_has_no_exclusion():
+    # Gallery: g0 = U (0), g1 = U (1), g2 = W (1), g3 = -U (0).
+    # q0 = U (0): best positive g0 at 1.0 (the same vector counts: no exclusion), ties g1 -> hit@1.
+    # q1 = W (0): best positive g0 at 0.5; g2 (1.0) above, g1 ties at 0.5 -> rank 1 -> hit@2.
+    gallery, gallery_y = T([U, U, W, NEG_U]), T([0, 1, 1, 0])
+    result = metrics.recall_at_k(T([U, W]), T([0, 0]), [1, 2], gallery, gallery_y)
+    assert result == {1: 50.0, 2: 100.0}
+    # The gallery = queries: every query finds itself, even a singleton class.
+    emb, y = T([U, U, W]), T([0, 1, 2])
+    assert metrics.recall_at_k(emb, y, [1], emb, y) == {1: 100.0}
+    assert metrics.recall_at_k(emb, y, [1]) == {1: 0.0}
+
+
+def _brute_force_recall(emb: torch.Tensor, y: torch.Tensor, ks: list[int]) -> dict[int, float]:
+    """Sort every other row by (similarity desc, positives first) and look for a positive in the top K."""
+    sims = (emb.double() @ emb.double().T).tolist()
+    hits = dict.fromkeys(ks, 0)
+    for i, row in enumerate(sims):
+        order = sorted((j for j in range(len(row)) if j != i), key=lambda j: (-row[j], int(y[j] != y[i])))
+        for k in ks:
+            hits[k] += any(y[j] == y[i] for j in order[:k])
+    return {k: 100.0 * h / len(sims) for k, h in hits.items()}
+
+
+def test_recall_matches_brute_force_with_many_ties_blockwise(monkeypatch):
+    # 6 unit vectors with coordinates in {0, +-1/2, +-1}: every dot product is exact, so duplicates
+    # and cross-vector ties are exact; random labels over 10 classes, 40 rows.
+    atoms = T([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, 0], [0.5, 0.5, 0.5, 0.5], [0.5, -0.5, 0.5, -0.5],
+               [-0.5, 0.5, 0.5, -0.5]])  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    emb, y = atoms[torch.randint(0, 6, (40,), generator=g)], torch.randint(0, 10, (40,), generator=g)
+    ks = [1, 2, 4, 8, 16]
+    expected = _brute_force_recall(emb, y, ks)
+    assert metrics.recall_at_k(emb, y, ks) == pytest.approx(expected)
+    monkeypatch.setattr(search, "_BLOCK_ELEMENTS", 7 * 40)  # 7 query rows per block
+    assert metrics.recall_at_k(emb, y, ks) == pytest.approx(expected)
+    assert len(set(expected.values())) == 4  # not degenerate: 42.5, 47.5, 77.5, 87.5
+
+
+def test_recall_errors_name_the_fix():
+    emb, y = T([U, W]), T([0, 1])
+    with pytest.raises(ValueError, match="or neither"):
+        metrics.recall_at_k(emb, y, [1], gallery_emb=emb)
+    with pytest.raises(ValueError, match="positive ints"):
+        metrics.recall_at_k(emb, y, [0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# NMI
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_nmi_from_labels_matches_hand_formula():
+    # classes [0,0,1,1], clusters [0,0,0,1]: H_class = ln 2, H_cluster = -(3/4 ln 3/4 + 1/4 ln 1/4),
+    # I = 1/2 ln(4/3) + 1/4 ln(2/3) + 1/4 ln 2 (joint cells 2/4, 1/4, 1/4).
+    h_class = math.log(2)
+    h_cluster = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    mi = 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)
+    targets, clusters = T([0, 0, 1, 1]), T([0, 0, 0, 1])
+    arithmetic = metrics.nmi_from_labels(targets, clusters)
+    assert arithmetic == pytest.approx(100 * 2 * mi / (h_class + h_cluster))
+    assert arithmetic == pytest.approx(34.3709, abs=1e-3)
+    geometric = metrics.nmi_from_labels(targets, clusters, average_method="geometric")
+    assert geometric == pytest.approx(100 * mi / math.sqrt(h_class * h_cluster))
+    assert metrics.nmi_from_labels([0, 0, 1, 1], [7, 7, 3, 3]) == pytest.approx(100.0)  # ids are names
+
+
+def test_nmi_from_labels_equals_sklearn_on_small_cases():
+    for targets, clusters in itertools.product([[0, 1, 1, 2, 2, 2], [3, 3, 1, 1, 0, 0]], repeat=2):
+        assert metrics.nmi_from_labels(T(targets), T(clusters)) == pytest.approx(
+            100 * normalized_mutual_info_score(targets, clusters)
+        )
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_nmi_clusters_the_embeddings(backend):
+    # 3 far-apart blobs of 10 points; the labels split them differently, so the NMI is that of the
+    # blob partition against the labels, not 100.
+    g = torch.Generator().manual_seed(0)
+    blob = torch.arange(3).repeat_interleave(10)
+    emb = T([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])[blob] + 0.05 * torch.randn(30, 3, generator=g)
+    targets = T([0] * 10 + [1] * 15 + [2] * 5)
+    expected = 100 * normalized_mutual_info_score(targets.numpy(), blob.numpy())
+    assert 0 < expected < 99
+    assert metrics.nmi(emb, targets, backend=backend) == pytest.approx(expected)
+    assert metrics.nmi(emb, blob, backend=backend) == pytest.approx(100.0)

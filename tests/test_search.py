@@ -1,0 +1,114 @@
+"""Exact top-k search and k-means (callbacks.search): both backends, hand-made cases."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from callbacks import search
+from callbacks.metrics import nmi_from_labels
+
+BACKENDS = ["faiss", "torch"]
+
+
+def _unit(n: int, dim: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def _blobs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 blobs of 30 points, centres 10 apart, noise 0.05: any sane k-means separates them."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[10.0, 0, 0, 0], [0, 10.0, 0, 0], [0, 0, 10.0, 0]])
+    labels = torch.arange(3).repeat_interleave(30)
+    return centres[labels] + 0.05 * torch.randn(90, 4, generator=g), labels
+
+
+def test_backends_agree_without_ties():
+    q, ref = _unit(50, 16, 0), _unit(300, 16, 1)
+    s_f, i_f = search.topk_search(q, ref, 7, backend="faiss")
+    s_t, i_t = search.topk_search(q, ref, 7, backend="torch")
+    assert torch.equal(i_f, i_t)
+    assert torch.allclose(s_f, s_t, atol=1e-5)
+    assert torch.allclose(s_t, (q @ ref.T).topk(7).values, atol=1e-5)  # best first, exact
+    assert i_f.dtype == i_t.dtype == torch.long
+
+
+def test_backends_agree_as_sets_with_ties():
+    # 4 distinct vectors, each stored twice: the top-4 of any query is 2 whole tie pairs.
+    base = _unit(4, 8, 2)
+    ref = base.repeat(2, 1)  # rows j and j + 4 are identical
+    q = _unit(20, 8, 3)
+    _, i_f = search.topk_search(q, ref, 4, backend="faiss")
+    _, i_t = search.topk_search(q, ref, 4, backend="torch")
+    for row_f, row_t in zip(i_f.tolist(), i_t.tolist()):
+        assert set(row_f) == set(row_t)
+        assert {(j + 4) % 8 for j in row_f} == set(row_f)  # whole pairs: each row's twin is there
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exclude_self_with_duplicates(backend):
+    # 3 distinct vectors, 4 exact copies each: rows i, i+3, i+6, i+9 are identical.
+    x = _unit(3, 8, 4).repeat(4, 1)
+    sims, idx = search.topk_search(x, x, 5, exclude_self=True, backend=backend)
+    rows = torch.arange(12)[:, None]
+    assert idx.shape == (12, 5)
+    assert not (idx == rows).any()
+    for i in range(12):
+        assert set(idx[i, :3].tolist()) == {j for j in range(12) if j % 3 == i % 3} - {i}
+    assert torch.allclose(sims[:, :3], torch.ones(12, 3), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exclude_self_when_all_rows_tie(backend):
+    # 6 identical rows, k = 1: self may or may not be among the 2 searched; never returned.
+    x = _unit(1, 8, 5).repeat(6, 1)
+    _, idx = search.topk_search(x, x, 1, exclude_self=True, backend=backend)
+    assert not (idx[:, 0] == torch.arange(6)).any()
+
+
+def test_drop_self_is_by_identity_not_position():
+    sims = torch.tensor([[0.9, 0.8, 0.7], [1.0, 1.0, 0.5]])
+    idx = torch.tensor([[3, 4, 5], [0, 1, 2]])  # row 0: self absent; row 1: self (1) in column 1
+    s, i = search._drop_self(sims, idx)
+    assert i.tolist() == [[3, 4], [0, 2]]
+    assert torch.equal(s, torch.tensor([[0.9, 0.8], [1.0, 0.5]]))
+
+
+def test_torch_topk_blockwise_matches_one_block(monkeypatch):
+    q, ref = _unit(37, 8, 6), _unit(53, 8, 7)
+    expected = search.topk_search(q, ref, 5, backend="torch")
+    monkeypatch.setattr(search, "_BLOCK_ELEMENTS", 3 * 53)  # 3 query rows per block
+    got = search.topk_search(q, ref, 5, backend="torch")
+    assert torch.equal(got[1], expected[1])
+
+
+def test_topk_errors_name_the_fix():
+    x = _unit(5, 4, 8)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 4\]"):
+        search.topk_search(x, x, 5, exclude_self=True)
+    with pytest.raises(ValueError, match="same dim"):
+        search.topk_search(x, _unit(5, 3, 8), 1)
+    with pytest.raises(ValueError, match="exclude_self=False"):
+        search.topk_search(x[:3], x, 1, exclude_self=True)
+    with pytest.raises(ValueError, match="backend must be"):
+        search.topk_search(x, x, 1, backend="annoy")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kmeans_recovers_blobs_and_is_reproducible(backend):
+    x, labels = _blobs()
+    clusters = search.kmeans(x, 3, seed=1, backend=backend)
+    assert clusters.shape == (90,) and clusters.dtype == torch.long
+    assert nmi_from_labels(labels, clusters) == pytest.approx(100.0)
+    assert torch.equal(clusters, search.kmeans(x, 3, seed=1, backend=backend))
+
+
+def test_torch_kmeans_blockwise_matches_one_block(monkeypatch):
+    x, _ = _blobs(1)
+    expected = search.kmeans(x, 5, seed=0, restarts=2, backend="torch")
+    monkeypatch.setattr(search, "_BLOCK_ELEMENTS", 7 * 5)
+    assert torch.equal(search.kmeans(x, 5, seed=0, restarts=2, backend="torch"), expected)
+
+
+def test_kmeans_more_clusters_than_points():
+    with pytest.raises(ValueError, match=r"num_clusters must be in \[1, 4\] for 4 points"):
+        search.kmeans(torch.zeros(4, 2), 5)

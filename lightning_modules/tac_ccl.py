@@ -1,0 +1,550 @@
+"""TAC-CCL: transformed attention consistency and contrastive clustering loss (Li, Kan, He, ECCV 2020;
+dissertation ch. 4).
+
+Network: trunk feature map -> CBAM (its spatial map is the attention map M) -> global average -> linear ->
+L2. Pseudo labels and k-means centres come from `callbacks.pseudo_labels.KMeansPseudoLabels` through
+`set_pseudo_labels`, which also refills the memory bank (all training embeddings, labels read by index).
+
+    L = L_MS(batch) + memory_weight L_MS(batch vs memory) + ccl_weight L_CC
+        + tac_weight (L_TAC_self + L_TAC_cross) + feature_weight L_F
+
+Table 4.4 rows from config: Baseline = ccl_weight 0, tac_weight 0, feature_weight 0; +CCL = ccl_weight 1;
++TAC (the full method) = all weights 1. Self-TAC only: cross.probability 0; Eq. 4.6 as printed:
+cross.mode literal; no memory bank: memory_weight 0.
+
+Cross-image pairs (§4.3.4) without OpenCV: keypoints are the attention-grid cells, described by the
+trunk's feature map; two images of one pseudo class in the batch are matched by mutual nearest
+neighbours and a RANSAC affine (confidence = inliers); the second branch then sees the partner's crop
+around its inliers, and the anchor's map, masked around the matched keypoints, is warped into it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_modules.base import EmbeddingModule
+from lightning_modules.losses import fp32
+
+HOMOGRAPHY_KINDS = ("crop", "zoom", "rotation", "perspective")
+
+
+# -- losses ----------------------------------------------------------------------------------------
+@fp32
+def multi_similarity_loss(query: Tensor, query_labels: Tensor, keys: Tensor, key_labels: Tensor,
+                          exclude_diagonal: bool = False, alpha: float = 2.0, beta: float = 40.0,
+                          threshold: float = 0.5, margin: float = 0.1) -> Tensor:
+    """MS loss with its hard mining (Wang et al. 2019), vectorised over a (B, Q) similarity matrix.
+
+    A positive is kept when s_p - margin < the hardest negative, a negative when s_n + margin > the
+    hardest positive; anchors left without either are skipped but still count in the 1/B (MS code).
+    `exclude_diagonal`: keys are the queries themselves (the batch term), so i is not its own positive.
+    """
+    sim = query @ keys.T
+    positive = query_labels[:, None] == key_labels[None, :]
+    if exclude_diagonal:
+        positive &= ~torch.eye(len(query), dtype=torch.bool, device=query.device)
+    negative = query_labels[:, None] != key_labels[None, :]
+    hardest_positive = sim.masked_fill(~positive, math.inf).amin(1, keepdim=True)
+    hardest_negative = sim.masked_fill(~negative, -math.inf).amax(1, keepdim=True)
+    kept_positive = positive & (sim - margin < hardest_negative)
+    kept_negative = negative & (sim + margin > hardest_positive)
+    pull = torch.log1p(torch.where(kept_positive, torch.exp(-alpha * (sim - threshold)), 0.0).sum(1)) / alpha
+    push = torch.log1p(torch.where(kept_negative, torch.exp(beta * (sim - threshold)), 0.0).sum(1)) / beta
+    used = kept_positive.any(1) & kept_negative.any(1)
+    return torch.where(used, pull + push, 0.0).sum() / len(query)
+
+
+def _distances(x: Tensor, centers: Tensor) -> Tensor:
+    """Euclidean distances (B, K) with a clamped square root: cdist's backward is NaN at distance 0."""
+    squared = x.square().sum(1, keepdim=True) + centers.square().sum(1) - 2 * x @ centers.T
+    return squared.clamp_min(1e-12).sqrt()
+
+
+@fp32
+def contrastive_clustering_loss(embedding: Tensor, centers: Tensor, assigned: Tensor | None = None) -> Tensor:
+    """Eq. 4.3: mean over samples of d+/d-, the distance to the nearest centre over the distance to the
+    second nearest (the text's "d-/d+ small" contradicts the equation; the equation is minimised).
+    `assigned` (cluster ids): d+ is the distance to the sample's own centre, d- to the nearest other one.
+    Centres are constants: the gradient reaches the embedding only."""
+    if centers.shape[0] < 2:
+        raise ValueError("the contrastive clustering loss needs at least 2 cluster centres")
+    dist = _distances(embedding, centers.detach())
+    if assigned is None:
+        nearest = dist.topk(2, dim=1, largest=False).values
+        return (nearest[:, 0] / nearest[:, 1]).mean()
+    own = dist.gather(1, assigned[:, None]).squeeze(1)
+    other = dist.scatter(1, assigned[:, None], math.inf).amin(1)
+    return (own / other).mean()
+
+
+@fp32
+def attention_consistency(anchor_map: Tensor, second_map: Tensor, homography: Tensor, anchor_mask: Tensor,
+                          second_mask: Tensor, aligned: Tensor) -> Tensor:
+    """Per-pair TAC loss (B,): Σ over cells of valid·(T(M·Γ) − M'·Γ')², compared in the second view's frame.
+
+    Eq. 4.2 for self pairs (Γ = Γ' = 1); Eq. 4.6 for cross pairs, either aligned (the anchor's masked map
+    warped by the pair's transform) or, where `aligned` is False, at the same cells as printed.
+    """
+    source = anchor_map * anchor_mask
+    warped, valid = warp(source, homography, second_map.shape[-2:])
+    target = torch.where(aligned[:, None, None, None], warped, source)
+    valid = torch.where(aligned[:, None, None, None], valid, torch.ones_like(valid))
+    return (valid * (target - second_map * second_mask).square()).sum((1, 2, 3))
+
+
+# -- geometry (normalised coordinates in [-1, 1], align_corners=False) --------------------------------
+def cell_centers(height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
+    """(h*w, 2) (x, y) centres of a grid's cells, row-major: the points grid_sample reads at."""
+    xs = (2 * torch.arange(width, device=device) + 1) / width - 1
+    ys = (2 * torch.arange(height, device=device) + 1) / height - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], -1).reshape(-1, 2)
+
+
+def homogeneous(points: Tensor) -> Tensor:
+    return torch.cat([points, torch.ones_like(points[..., :1])], -1)
+
+
+def apply_homography(homography: Tensor, points: Tensor) -> Tensor:
+    """(B, n, 2) points mapped by (B, 3, 3) homographies."""
+    mapped = homogeneous(points) @ homography.transpose(1, 2)
+    return mapped[..., :2] / mapped[..., 2:]
+
+
+def warp(t: Tensor, homography: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(warped, valid): out(p) = t(H p) on an output grid of `size`, H mapping output-frame points to
+    t's frame; valid (B, 1, h, w) marks cells whose centre lands inside t (from the grid, so a map and
+    an image warped by the same H agree). Outside is zero (the mean colour of normalised images)."""
+    h, w = size
+    points = cell_centers(h, w, t.device).expand(len(t), -1, -1)
+    grid = apply_homography(homography.to(t.device, torch.float32), points)
+    valid = (grid.abs() <= 1).all(-1).reshape(-1, 1, h, w).to(t.dtype)
+    warped = F.grid_sample(t, grid.reshape(-1, h, w, 2).to(t.dtype), mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
+    return warped, valid
+
+
+def homography_from_points(source: Tensor, target: Tensor) -> Tensor:
+    """(B, 3, 3) homographies (h33 = 1) mapping 4 source points onto 4 target points (DLT)."""
+    x, y = source.unbind(-1)
+    u, v = target.unbind(-1)
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -x * u, -y * u], -1)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -x * v, -y * v], -1)
+    h = torch.linalg.solve(torch.cat([rows_u, rows_v], 1), torch.cat([u, v], 1))
+    return torch.cat([h, torch.ones_like(h[:, :1])], 1).reshape(-1, 3, 3)
+
+
+@dataclass
+class TransformRanges:
+    """The family 𝒯 of self-pair transforms (§3.4 [R]; the chapter gives no ranges); one kind per pair.
+    Each maps second-view points to anchor points: crop = a square sub-window of side crop_scale,
+    zoom about the centre (log-uniform), rotation of ±rotation_degrees, perspective = each corner moved by
+    up to perspective_shift (normalised units; 8 parameters, the chapter's "6" being an affine)."""
+
+    kinds: list[str] = field(default_factory=lambda: list(HOMOGRAPHY_KINDS))
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    zoom: tuple[float, float] = (0.75, 1.33)
+    rotation_degrees: float = 30.0
+    perspective_shift: float = 0.2
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def _crop(n: int, ranges: TransformRanges, generator: torch.Generator) -> Tensor:
+    s = _uniform(n, *ranges.crop_scale, generator)
+    tx, ty = ((1 - s) * _uniform(n, -1.0, 1.0, generator) for _ in range(2))
+    h = torch.eye(3).repeat(n, 1, 1)
+    h[:, 0, 0], h[:, 1, 1], h[:, 0, 2], h[:, 1, 2] = s, s, tx, ty
+    return h
+
+
+def _zoom(n: int, ranges: TransformRanges, generator: torch.Generator) -> Tensor:
+    z = _uniform(n, *(math.log(v) for v in ranges.zoom), generator).exp()
+    h = torch.eye(3).repeat(n, 1, 1)
+    h[:, 0, 0], h[:, 1, 1] = 1 / z, 1 / z
+    return h
+
+
+def _rotation(n: int, ranges: TransformRanges, generator: torch.Generator) -> Tensor:
+    theta = torch.deg2rad(_uniform(n, -ranges.rotation_degrees, ranges.rotation_degrees, generator))
+    h = torch.eye(3).repeat(n, 1, 1)
+    h[:, 0, 0], h[:, 0, 1], h[:, 1, 0], h[:, 1, 1] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
+    return h
+
+
+def _perspective(n: int, ranges: TransformRanges, generator: torch.Generator) -> Tensor:
+    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]).expand(n, 4, 2)
+    shift = ranges.perspective_shift * (2 * torch.rand(n, 4, 2, generator=generator) - 1)
+    return homography_from_points(corners, corners + shift)
+
+
+_SAMPLERS: dict[str, Callable[[int, TransformRanges, torch.Generator], Tensor]] = {
+    "crop": _crop, "zoom": _zoom, "rotation": _rotation, "perspective": _perspective}
+
+
+def sample_homographies(n: int, ranges: TransformRanges, generator: torch.Generator) -> Tensor:
+    """(n, 3, 3) CPU homographies, the kind drawn uniformly per pair from `ranges.kinds`."""
+    unknown = set(ranges.kinds) - set(HOMOGRAPHY_KINDS)
+    if unknown or not ranges.kinds:
+        raise ValueError(f"transforms.kinds {ranges.kinds}: choose from {HOMOGRAPHY_KINDS}")
+    kind = torch.randint(len(ranges.kinds), (n,), generator=generator)
+    every = torch.stack([_SAMPLERS[k](n, ranges, generator) for k in ranges.kinds])
+    return every[kind, torch.arange(n)]
+
+
+def keypoint_mask(points: Tensor, weights: Tensor, size: tuple[int, int], sigma: float,
+                  clamp: bool) -> Tensor:
+    """Γ of Eq. 4.4-4.5 (B, 1, h, w): Σ_i w_i exp(-|cell - p_i|² / 2σ²), σ in cells, p_i normalised points
+    (a point at normalised x sits at cell coordinate (x + 1) w / 2 - 0.5); `clamp` caps it at 1."""
+    h, w = size
+    u = (points[..., 0] + 1) * w / 2 - 0.5
+    v = (points[..., 1] + 1) * h / 2 - 0.5
+    cols = torch.arange(w, device=points.device, dtype=points.dtype)
+    rows = torch.arange(h, device=points.device, dtype=points.dtype)
+    across = torch.exp(-(cols - u[..., None]).square() / (2 * sigma**2))
+    down = torch.exp(-(rows - v[..., None]).square() / (2 * sigma**2))
+    mask = torch.einsum("bm,bmh,bmw->bhw", weights, down, across)[:, None]
+    return mask.clamp(max=1.0) if clamp else mask
+
+
+# -- cross-image matching ----------------------------------------------------------------------------
+def mutual_matches(anchor: Tensor, partner: Tensor) -> tuple[Tensor, Tensor]:
+    """For (P, n, C) unit descriptors: the partner cell matched to each anchor cell (P, n) and whether the
+    match is mutual (each is the other's nearest neighbour)."""
+    sim = anchor @ partner.transpose(1, 2)
+    to_partner = sim.argmax(2)
+    to_anchor = sim.argmax(1)
+    mutual = to_anchor.gather(1, to_partner) == torch.arange(anchor.shape[1], device=anchor.device)
+    return to_partner, mutual
+
+
+def fit_affine(source: Tensor, target: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted least-squares affines X (P, 3, 2) with [x y 1] X ≈ target, and whether each solve worked."""
+    a = homogeneous(source)
+    lhs = (a * weight[..., None]).transpose(1, 2) @ a + 1e-6 * torch.eye(3, device=a.device)
+    rhs = (a * weight[..., None]).transpose(1, 2) @ target
+    affine, info = torch.linalg.solve_ex(lhs, rhs)
+    return affine, info == 0
+
+
+def ransac_affine(source: Tensor, target: Tensor, valid: Tensor, threshold: float, hypotheses: int,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """RANSAC over (P, n) candidate matches: `hypotheses` minimal 3-point affines each, the one with most
+    matches within `threshold` refit on its inliers. Returns (affine (P, 3, 2), inliers (P, n))."""
+    p, n = valid.shape
+    if n < 3:
+        return torch.zeros(p, 3, 2, device=valid.device), torch.zeros_like(valid)
+    draw = torch.rand(p, hypotheses, n, generator=generator).to(valid.device)
+    pick = draw.masked_fill(~valid[:, None], -1.0).topk(3, dim=2).indices
+    a = homogeneous(source)
+    a_pick = a[:, None].expand(p, hypotheses, n, 3).gather(2, pick[..., None].expand(-1, -1, -1, 3))
+    t_pick = target[:, None].expand(p, hypotheses, n, 2).gather(2, pick[..., None].expand(-1, -1, -1, 2))
+    minimal, info = torch.linalg.solve_ex(a_pick, t_pick)
+    usable = valid[:, None].expand(p, hypotheses, n).gather(2, pick).all(-1) & (info == 0)
+    usable &= torch.linalg.det(a_pick).abs() > 1e-4
+    residual = (a[:, None] @ minimal - target[:, None]).norm(dim=-1)
+    close = (residual < threshold) & valid[:, None]
+    count = close.sum(-1).masked_fill(~usable, -1)
+    best = count.argmax(1)
+    inliers = close[torch.arange(p, device=valid.device), best] & (count.amax(1) >= 3)[:, None]
+    affine, solved = fit_affine(source, target, inliers.to(source.dtype))
+    refit = ((a @ affine - target).norm(dim=-1) < threshold) & valid & inliers.any(1, keepdim=True)
+    return affine, refit & solved[:, None]
+
+
+class CrossImage(NamedTuple):
+    """Partner of each anchor (-1 = none) with the matched keypoints and the affine partner -> anchor."""
+
+    partner: Tensor     # (B,)
+    affine: Tensor      # (B, 3, 2): [x y 1] in the partner's frame -> the anchor's frame
+    anchor_points: Tensor   # (B, n, 2)
+    partner_points: Tensor  # (B, n, 2)
+    inliers: Tensor     # (B, n) bool
+
+
+@dataclass
+class CrossPairs:
+    """Cross-image supervision (§4.3.4 [R]). probability: share of anchors that, when matched, take the
+    partner's crop as second view (0 = self pairs only); mode: aligned (warp, default) | literal (Eq. 4.6
+    at the same cells); threshold: RANSAC inlier distance in attention cells; min_inliers: the confidence
+    a match needs; hypotheses: RANSAC draws; margin/min_crop: the crop is the inliers' box grown by
+    `margin` per side, at least `min_crop` of the image side; sigma, clamp_mask: Γ's σ in cells and its
+    cap at 1 (cell keypoints are dense, so unclamped sums reach ~5)."""
+
+    probability: float = 0.5
+    mode: str = "aligned"
+    threshold: float = 1.0
+    min_inliers: int = 6
+    hypotheses: int = 64
+    margin: float = 0.15
+    min_crop: float = 0.25
+    sigma: float = 1.0
+    clamp_mask: bool = True
+
+
+def match_in_batch(descriptors: Tensor, labels: Tensor, index: Tensor, size: tuple[int, int],
+                   config: CrossPairs, generator: torch.Generator) -> CrossImage:
+    """Each anchor's best partner among the batch images of its pseudo class (not itself): most RANSAC
+    inliers over mutual nearest-neighbour cell matches, if at least `min_inliers`."""
+    b, n, _ = descriptors.shape
+    device = descriptors.device
+    centers = cell_centers(*size, device)
+    none = CrossImage(torch.full((b,), -1, device=device), torch.zeros(b, 3, 2, device=device),
+                      centers.expand(b, n, 2), centers.expand(b, n, 2), torch.zeros(b, n, dtype=torch.bool,
+                                                                                     device=device))
+    candidates = (labels[:, None] == labels[None, :]) & (index[:, None] != index[None, :])
+    anchor, partner = candidates.nonzero(as_tuple=True)
+    if len(anchor) == 0:
+        return none
+    to_partner, mutual = mutual_matches(descriptors[anchor], descriptors[partner])
+    partner_points = centers[to_partner]
+    affine, inliers = ransac_affine(partner_points, centers.expand(len(anchor), n, 2), mutual,
+                                    config.threshold * 2 / max(size), config.hypotheses, generator)
+    scale = torch.linalg.det(affine[:, :2, :]).abs()
+    count = inliers.sum(1).masked_fill((scale < 0.1) | (scale > 10), -1)
+    score = torch.full((b, b), -1, device=device, dtype=count.dtype)
+    score[anchor, partner] = count
+    position = torch.full((b, b), -1, device=device, dtype=torch.long)
+    position[anchor, partner] = torch.arange(len(anchor), device=device)
+    best_count, best_partner = score.max(1)
+    chosen = position[torch.arange(b, device=device), best_partner].clamp_min(0)
+    matched = best_count >= config.min_inliers
+    return CrossImage(torch.where(matched, best_partner, -1), affine[chosen], none.anchor_points,
+                      partner_points[chosen], inliers[chosen] & matched[:, None])
+
+
+def crop_around(points: Tensor, weights: Tensor, size: tuple[int, int], margin: float,
+                min_crop: float) -> tuple[Tensor, Tensor]:
+    """(centre (B, 2), half side (B,)) of a square crop around the weighted points (their cells included),
+    grown by `margin` per side, at least `min_crop` of the image side, kept inside; the whole image where
+    no point has weight. Crop-frame point q is image point centre + half * q."""
+    half_cell = 1.0 / torch.tensor([size[1], size[0]], device=points.device, dtype=points.dtype)
+    present = weights[..., None] > 0
+    some = present.any(1)
+    low = torch.where(some, torch.where(present, points, math.inf).amin(1) - half_cell, -1.0)
+    high = torch.where(some, torch.where(present, points, -math.inf).amax(1) + half_cell, 1.0)
+    half = ((high - low).amax(1) * (1 + 2 * margin)).clamp(min=2 * min_crop, max=2.0) / 2
+    center = ((low + high) / 2).clamp(-1 + half[:, None], 1 - half[:, None])
+    return center, half
+
+
+def crop_homography(center: Tensor, half: Tensor) -> Tensor:
+    """(B, 3, 3) mapping crop-frame points to image points."""
+    h = torch.eye(3, device=center.device).repeat(len(center), 1, 1)
+    h[:, 0, 0], h[:, 1, 1], h[:, 0, 2], h[:, 1, 2] = half, half, center[:, 0], center[:, 1]
+    return h
+
+
+def affine_to_homography(affine: Tensor) -> Tensor:
+    h = torch.eye(3, device=affine.device, dtype=affine.dtype).repeat(len(affine), 1, 1)
+    h[:, :2, :] = affine.transpose(1, 2)
+    return h
+
+
+# -- attention ---------------------------------------------------------------------------------------
+class CBAM(nn.Module):
+    """Channel then spatial attention (Woo et al. 2018); returns (modulated map, spatial map M in (0, 1)).
+    The spatial conv has a bias instead of CBAM's BatchNorm, which frozen-BN training would leave at its
+    initial statistics (spec §2.2 [R])."""
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(hidden, channels, 1))
+        self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x * torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        attention = torch.sigmoid(self.spatial(pooled))
+        return x * attention, attention
+
+
+# -- module ------------------------------------------------------------------------------------------
+def mean_over(values: Tensor, chosen: Tensor) -> Tensor:
+    """Mean of the chosen entries; 0 (with gradient graph) when none is chosen."""
+    return (values * chosen).sum() / chosen.sum().clamp_min(1)
+
+
+class SecondView(NamedTuple):
+    images: Tensor       # (B, C, H, W): the warped anchor (self) or the partner's crop (cross)
+    homography: Tensor   # (B, 3, 3): second-view points -> anchor points
+    anchor_mask: Tensor  # (B, 1, h, w): Γ (ones for self pairs)
+    second_mask: Tensor  # (B, 1, h, w): Γ'
+    cross: Tensor        # (B,) bool
+
+
+class TACCCL(EmbeddingModule):
+    """TAC-CCL on P x K batches over k-means pseudo labels (needs the KMeansPseudoLabels callback).
+
+    ms_alpha, ms_beta, ms_threshold, ms_margin: MS loss α, β, λ, ε (MS code: 2, 40, 0.5, 0.1).
+    memory_weight: the batch-vs-memory MS term (0 = no memory bank).
+    ccl_weight, ccl_positive: L_CC and its C+ (nearest | assigned).
+    tac_weight, transforms, tac_upsample: L_TAC, the self-pair transform family, and bilinear
+      upsampling of both maps before the comparison (1 = the raw grid).
+    feature_weight: L_F = mean ‖F − F'‖₂ over self and cross pairs.
+    cross: cross-image pairs (`CrossPairs`); used when the second branch runs (tac or feature weight > 0).
+    attention_reduction, attention_kernel: CBAM's r and spatial kernel.
+    seed: with global_step and rank, seeds every draw of a step (transforms, RANSAC, cross choice), so a
+      resumed run repeats them.
+    """
+
+    def __init__(self, ms_alpha: float = 2.0, ms_beta: float = 40.0, ms_threshold: float = 0.5,
+                 ms_margin: float = 0.1, memory_weight: float = 1.0, ccl_weight: float = 1.0,
+                 ccl_positive: str = "nearest", tac_weight: float = 1.0,
+                 transforms: TransformRanges | None = None, tac_upsample: int = 1,
+                 feature_weight: float = 1.0, cross: CrossPairs | None = None, attention_reduction: int = 16,
+                 attention_kernel: int = 7, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if ccl_positive not in ("nearest", "assigned"):
+            raise ValueError(f"ccl_positive {ccl_positive!r}: use nearest or assigned")
+        self.cross = cross or CrossPairs()
+        if self.cross.mode not in ("aligned", "literal"):
+            raise ValueError(f"cross.mode {self.cross.mode!r}: use aligned or literal")
+        if tac_upsample < 1:
+            raise ValueError(f"tac_upsample {tac_upsample} must be >= 1")
+        self.ms = {"alpha": ms_alpha, "beta": ms_beta, "threshold": ms_threshold, "margin": ms_margin}
+        self.memory_weight, self.ccl_weight, self.ccl_positive = memory_weight, ccl_weight, ccl_positive
+        self.tac_weight, self.feature_weight, self.tac_upsample = tac_weight, feature_weight, tac_upsample
+        self.transforms = transforms or TransformRanges()
+        self.seed = seed
+        self.attention = CBAM(self.trunk.out_dim, attention_reduction, attention_kernel)
+        nn.init.kaiming_normal_(self.head.linear.weight)  # spec §2.2 [R/G-code]
+        nn.init.zeros_(self.head.linear.bias)
+        self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("centers", torch.zeros(0, self.hparams.embedding_dim), persistent=False)
+        self.register_buffer("memory_embedding", torch.zeros(0, self.hparams.embedding_dim))
+        self.register_buffer("memory_index", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("memory_cursor", torch.zeros((), dtype=torch.long))
+
+    # -- network --------------------------------------------------------------------------------
+    def attend(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(embedding, attention map M (B, 1, h, w), trunk feature map) of one forward."""
+        fmap = self.trunk.feature_map(images)
+        attended, attention = self.attention(fmap)
+        return self.head(attended.mean((2, 3))), attention, fmap
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.attend(images)[0]
+
+    # -- pseudo labels and memory ---------------------------------------------------------------
+    def set_pseudo_labels(self, labels: Tensor, centers: Tensor, embedding: Tensor | None = None) -> None:
+        """Labels (N,) and centres (K, d) from a k-means refresh; `embedding` (N, d), the embeddings that
+        were clustered, refills the memory bank (None on a resume, whose bank comes from the checkpoint)."""
+        self.pseudo_labels = torch.as_tensor(labels).to(self.device, torch.long)
+        self.centers = torch.as_tensor(centers).to(self.device, torch.float32)
+        if embedding is not None and self.memory_weight:
+            self.memory_embedding = embedding.detach().to(self.device, torch.float32).clone()
+            self.memory_index = torch.arange(len(embedding), device=self.device)
+            self.memory_cursor.zero_()
+
+    @torch.no_grad()
+    def enqueue(self, embedding: Tensor, index: Tensor) -> None:
+        """FIFO update with every rank's batch, so the banks of all ranks stay identical. Out of place: the
+        step's memory term, not yet back-propagated, still holds the old bank."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            embedding, index = (self.all_gather(t).flatten(0, 1) for t in (embedding, index))
+        slots = (self.memory_cursor + torch.arange(len(index), device=self.device)) % len(self.memory_index)
+        self.memory_embedding = self.memory_embedding.index_copy(0, slots, embedding.float())
+        self.memory_index = self.memory_index.index_copy(0, slots, index)
+        self.memory_cursor.copy_((self.memory_cursor + len(index)) % len(self.memory_index))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """The bank's size is the training set's, unknown at construction: take the checkpoint's shapes."""
+        state = checkpoint["state_dict"]
+        for name in ("memory_embedding", "memory_index"):
+            setattr(self, name, torch.empty_like(state[name], device=self.device))
+
+    # -- training -------------------------------------------------------------------------------
+    def _generator(self) -> torch.Generator:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 101 + rank)
+
+    def second_view(self, images: Tensor, fmap: Tensor, labels: Tensor, index: Tensor,
+                    generator: torch.Generator) -> SecondView:
+        """Self pairs: the anchor warped by a sampled T. Cross pairs (matched anchors, with probability
+        cross.probability): the partner's crop around its inliers, T = crop then affine to the anchor."""
+        b, size, device = len(images), fmap.shape[-2:], images.device
+        homography = sample_homographies(b, self.transforms, generator).to(device)
+        ones = torch.ones(b, 1, *size, device=device)
+        no_cross = torch.zeros(b, dtype=torch.bool, device=device)
+        view = SecondView(warp(images, homography, images.shape[-2:])[0], homography, ones, ones, no_cross)
+        if self.cross.probability == 0:
+            return view
+        descriptors = F.normalize(fmap.float().flatten(2).transpose(1, 2), dim=-1)
+        found = match_in_batch(descriptors, labels, index, size, self.cross, generator)
+        drawn = torch.rand(b, generator=generator).to(device) < self.cross.probability
+        cross = (found.partner >= 0) & drawn
+        if not cross.any():
+            return view
+        weights = found.inliers.float()
+        center, half = crop_around(found.partner_points, weights, size, self.cross.margin,
+                                   self.cross.min_crop)
+        crop = crop_homography(center, half)
+        crop_images = warp(images[found.partner.clamp_min(0)], crop, images.shape[-2:])[0]
+        crop_points = (found.partner_points - center[:, None]) / half[:, None, None]
+        pick = cross[:, None, None]
+        anchor_mask = self.keypoint_mask(found.anchor_points, weights, size)
+        second_mask = self.keypoint_mask(crop_points, weights, size)
+        return SecondView(torch.where(pick[..., None], crop_images, view.images),
+                          torch.where(pick, affine_to_homography(found.affine) @ crop, homography),
+                          torch.where(pick[..., None], anchor_mask, ones),
+                          torch.where(pick[..., None], second_mask, ones), cross)
+
+    def keypoint_mask(self, points: Tensor, weights: Tensor, size: tuple[int, int]) -> Tensor:
+        return keypoint_mask(points, weights, size, self.cross.sigma, self.cross.clamp_mask)
+
+    def tac_terms(self, anchor_map: Tensor, second_map: Tensor, view: SecondView) -> dict[str, Tensor]:
+        """L_TAC_self and L_TAC_cross: per-pair sums over cells, each averaged over its own pairs."""
+        maps = [anchor_map, second_map, view.anchor_mask, view.second_mask]
+        if self.tac_upsample > 1:
+            maps = [F.interpolate(m.float(), scale_factor=self.tac_upsample, mode="bilinear",
+                                  align_corners=False) for m in maps]
+        aligned = ~view.cross if self.cross.mode == "literal" else torch.ones_like(view.cross)
+        per_pair = attention_consistency(*maps[:2], view.homography, *maps[2:], aligned)
+        per_pair = per_pair / self.tac_upsample**2  # per raw cell
+        return {"tac_self": mean_over(per_pair, ~view.cross), "tac_cross": mean_over(per_pair, view.cross)}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if len(self.pseudo_labels) == 0:
+            raise RuntimeError("TACCCL has no pseudo labels: add callbacks.pseudo_labels.KMeansPseudoLabels "
+                               "to trainer.callbacks (it sets them before the first epoch)")
+        images, index = batch["views"][0], batch["index"]
+        labels = self.pseudo_labels[index]
+        z, attention, fmap = self.attend(images)
+        z = z.float()
+        terms = {"ms": multi_similarity_loss(z, labels, z, labels, exclude_diagonal=True, **self.ms)}
+        loss = terms["ms"]
+        if self.memory_weight:
+            terms["ms_memory"] = multi_similarity_loss(z, labels, self.memory_embedding,
+                                                       self.pseudo_labels[self.memory_index], **self.ms)
+            loss = loss + self.memory_weight * terms["ms_memory"]
+        if self.ccl_weight:
+            assigned = labels if self.ccl_positive == "assigned" else None
+            terms["ccl"] = contrastive_clustering_loss(z, self.centers, assigned)
+            loss = loss + self.ccl_weight * terms["ccl"]
+        diagnostics = {"attention_std": attention.detach().float().flatten(1).std(1).mean()}
+        if self.tac_weight or self.feature_weight:
+            view = self.second_view(images, fmap.detach(), labels, index, self._generator())
+            z2, attention2, _ = self.attend(view.images)
+            diagnostics["cross_share"] = view.cross.float().mean()
+            if self.tac_weight:
+                terms.update(self.tac_terms(attention, attention2, view))
+                loss = loss + self.tac_weight * (terms["tac_self"] + terms["tac_cross"])
+            if self.feature_weight:
+                terms["feature"] = (z - z2.float()).norm(dim=1).mean()
+                loss = loss + self.feature_weight * terms["feature"]
+        if self.memory_weight:
+            self.enqueue(z.detach(), index)  # after the memory term: the bank is read before it changes
+        self.log_terms({"loss": loss, **terms, **diagnostics}, embedding=z)
+        return loss

@@ -1,0 +1,210 @@
+"""UMM: Unsupervised Embedding Learning from Uncertainty Momentum Modeling (Zhou et al., TPAMI).
+
+Each view of each image is a diagonal Gaussian N(μ, diag σ²) (`GaussianHead`); k reparameterised,
+L2-normalised draws per view are its positive candidates. The loss is Eq. 13,
+  L = L_S + λ_N L_N + λ_R L_R,
+with L_S the set-to-set softmax (Eqs. 5-7), L_N the symmetric KL between the two views' Gaussians
+(Eqs. 8-10) and L_R = 1 - mAP of a histogram-binned ranking of every candidate in the batch (Eqs. 11-12).
+Every term is a mean per instance (per query for L_R), as the λ's "balance the scale with L_S" (spec A6);
+L_N still sums its D dimensions, as a KL does, which makes it large: on digits the CIFAR λ_N = 10 collapses
+the embedding within ten steps and λ_N = 0.01 trains (experiments/configs/umm/digits.yaml).
+k (`num_samples`) is set each epoch by `callbacks.k_schedule.KSchedule` through `set_num_samples`.
+There is no momentum encoder, queue or memory bank: "momentum" is the paper's metaphor (spec §3.8).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lightning_modules.base import EmbeddingModule
+from lightning_modules.heads import GaussianHead, l2_normalize
+from lightning_modules.isif import isif_loss
+from lightning_modules.losses import fp32
+
+SOFTMAX_MODES = ("literal", "symmetric", "isif_2n")
+RANKING_POOLS = ("both_views", "single_view_literal")
+
+
+@fp32
+def sample_candidates(mu: torch.Tensor, logvar: torch.Tensor, num_samples: int,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """k positive candidates per instance, z = normalize(μ + σ ⊙ ε): (B, k, D) from (B, C, D) moments.
+
+    Reparameterised, so L_S and L_R reach σ as well as μ (spec A1); fresh noise per call and per view (A5).
+    Candidate u comes from mixture component u mod C (equal weights, stratified), so C = 1 is Eq. 2.
+    """
+    component = torch.arange(num_samples, device=mu.device) % mu.shape[1]
+    mean, std = mu[:, component], torch.exp(0.5 * logvar[:, component])
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return l2_normalize(mean + std * noise)
+
+
+@fp32
+def set_softmax_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
+                     mode: str = "literal") -> torch.Tensor:
+    """L_S on candidate sets (n, k, D) of the two views, mean over the n anchors.
+
+    The Eq. 5 set-to-set similarity (1/k²) Σ_u Σ_t z_iᵘ·z_jᵗ equals m_i·m_j with m the unnormalised
+    candidate mean: O(nkD + n²D) instead of (nk)². ‖m‖ < 1 shrinks as σ grows; that is how the uncertainty
+    softens the logits, so m is not re-normalised. mode: "literal" = Eq. 6 (anchor x'_i against the
+    first-view sets), "symmetric" = both directions averaged, "isif_2n" = ISIF's 2n-set loss on the means.
+    """
+    if mode not in SOFTMAX_MODES:
+        raise ValueError(f"softmax mode {mode!r}: use one of {', '.join(SOFTMAX_MODES)}")
+    m1, m2 = z1.mean(dim=1), z2.mean(dim=1)
+    if mode == "isif_2n":
+        return isif_loss(m1, m2, temperature)["loss"]
+    logits = m2 @ m1.T / temperature
+    target = torch.arange(len(logits), device=logits.device)
+    loss = F.cross_entropy(logits, target)
+    if mode == "symmetric":
+        return (loss + F.cross_entropy(logits.T, target)) / 2
+    return loss
+
+
+@fp32
+def distribution_consistency_loss(mu1: torch.Tensor, logvar1: torch.Tensor, mu2: torch.Tensor,
+                                  logvar2: torch.Tensor) -> torch.Tensor:
+    """L_N: KL(N‖N') + KL(N'‖N) of diagonal Gaussians (..., D), summed over D, mean over the rest.
+
+    In the symmetric sum the log-determinants cancel, leaving variance ratios and a Mahalanobis term under
+    both precisions. Alone it is lowered by inflating σ; L_S and L_R push back (spec §3.5).
+    """
+    ratio = logvar1 - logvar2
+    mahalanobis = (mu1 - mu2).pow(2) * (torch.exp(-logvar1) + torch.exp(-logvar2))
+    return (0.5 * (torch.exp(ratio) + torch.exp(-ratio) - 2 + mahalanobis).sum(dim=-1)).mean()
+
+
+def _binned(index: torch.Tensor, frac: torch.Tensor, bins: int) -> torch.Tensor:
+    """Triangular-kernel histograms (Q, B + 1) of entries at bin `index` + `frac` (1 - frac to the bin, frac
+    to the next): a count minus one scatter of `frac`, plus the same scatter shifted by one bin. A spare
+    column takes the zero `frac` of similarities of exactly -1 (index B)."""
+    upper = frac.new_zeros(len(frac), bins + 2).scatter_add(1, index, frac)
+    count = frac.new_zeros(len(frac), bins + 2).scatter_add_(1, index, frac.new_ones(1).expand_as(frac))
+    return (count - upper + F.pad(upper[:, :-1], (1, 0)))[:, : bins + 1]
+
+
+@fp32
+def histogram_average_precision(sim: torch.Tensor, positive: torch.Tensor, bins: int = 20,
+                                excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable AP of each query row of `sim` (Q, M) (He et al., CVPR 2018 binning).
+
+    positive (Q, P) and excluded (Q, E) hold column indices: each query's positives, and the columns left
+    out of its list (e.g. the query itself). Similarities in [-1, 1] fall on B + 1 bin centres 1 - bΔ
+    (Δ = 2/B, b = 0 most similar) through the triangular kernel, so each weighs on exactly two adjacent
+    bins: the histograms are `scatter_add`s of (Q, M) weights into (Q, B + 1) bins, memory O(Q·M + Q·B),
+    never the dense (Q, M, B + 1) kernel tensor; the positive and excluded ones cost O(Q·P) and O(Q·E).
+    AP = (1/P) Σ_b h⁺_b H⁺_b / H_b, H the cumulative histograms: exact AP when every similarity sits on
+    its own bin centre; between centres the mass split over two bins biases it (the estimator of [35]).
+    """
+    position = sim.mul(-bins / 2.0).add_(bins / 2.0)  # (1 - sim) / Δ, in [0, B] up to rounding
+    index = position.detach().long().clamp_(0, bins)  # truncation = floor for position >= 0
+    frac = position.frac_()  # in place (gradient 1): no second (Q, M) float tensor
+    h = _binned(index, frac, bins)
+    if excluded is not None:
+        h = h - _binned(index.gather(1, excluded), frac.gather(1, excluded), bins)
+    h_pos = _binned(index.gather(1, positive), frac.gather(1, positive), bins)
+    precision = h_pos.cumsum(dim=1) / h.cumsum(dim=1).clamp_min(1e-12)
+    return (h_pos * precision).sum(dim=1) / positive.shape[1]
+
+
+def _query_ap(items: torch.Tensor, rows: torch.Tensor, n: int, k: int, bins: int,
+              exclude_self: bool) -> torch.Tensor:
+    """AP of the pool rows `rows` against the whole pool, laid out as (views, n instances, k candidates):
+    the positives of a row are its instance's candidates in every view."""
+    instance = (rows // k) % n
+    own = torch.arange(k, device=rows.device)
+    positive = torch.cat([(view * n + instance[:, None]) * k + own for view in range(len(items) // (n * k))], 1)
+    excluded = None
+    if exclude_self:
+        positive = positive[positive != rows[:, None]].view(len(rows), -1)
+        excluded = rows[:, None]
+    return histogram_average_precision(items[rows] @ items.T, positive, bins, excluded)
+
+
+@fp32
+def ranking_loss(z1: torch.Tensor, z2: torch.Tensor, bins: int = 20, pool: str = "both_views",
+                 shard: tuple[int, int] = (0, 1), chunk: int | None = None) -> torch.Tensor:
+    """L_R = 1 - mAP: every candidate queries the pool of candidates (n, k, D per view) by cosine.
+
+    pool "both_views" (default, spec A7): the 2nk candidates of both views, the query left out of its own
+    list; positives are the other 2k - 1 candidates of its image (never degenerate, also at k = 1).
+    "single_view_literal": the nk first-view candidates as Eq. 11 reads, the query one of its own k
+    positives (AP ≡ 1 at k = 1). `shard` = (i, count) scores only the i-th of `count` equal query slices,
+    so DDP ranks split the (2nk)² work (the mean of their losses is the full loss). `chunk` bounds memory
+    to O(chunk · 2nk): query chunks are recomputed in backward (activation checkpointing), not stored.
+    """
+    if pool == "both_views":
+        items = torch.cat([z1, z2]).flatten(0, 1)
+    elif pool == "single_view_literal":
+        items = z1.flatten(0, 1)
+    else:
+        raise ValueError(f"ranking pool {pool!r}: use one of {', '.join(RANKING_POOLS)}")
+    n, k = z1.shape[:2]
+    queries = torch.arange(len(items), device=z1.device).chunk(shard[1])[shard[0]]
+    exclude_self = pool == "both_views"
+    if chunk is None:
+        ap = _query_ap(items, queries, n, k, bins, exclude_self)
+    else:
+        ap = torch.cat([checkpoint(_query_ap, items, rows, n, k, bins, exclude_self, use_reentrant=False)
+                        for rows in queries.split(chunk)])
+    return 1.0 - ap.mean()
+
+
+class UMM(EmbeddingModule):
+    """UMM on two views per instance; the evaluation embedding is l2norm(μ) (`GaussianHead.forward`).
+
+    temperature, lambda_n, lambda_r: τ, λ_N, λ_R of Eq. 13.
+    num_samples: k until a `KSchedule` sets it (`set_num_samples`).
+    components: C Gaussians per image (Eq. 3); every published number uses C = 1.
+    variance, logvar_range: the σ² parameterisation of `GaussianHead` (spec A2).
+    softmax_mode: L_S form, see `set_softmax_loss`. ranking_pool, bins, ranking_chunk: see `ranking_loss`.
+    gather_negatives: under DDP, L_S sees all ranks' candidate sets and L_R all ranks' candidates (each
+      rank scoring an equal share of the queries); gradients flow back to each rank's own rows.
+    """
+
+    def __init__(self, temperature: float = 0.1, lambda_n: float = 10.0, lambda_r: float = 10.0,
+                 num_samples: int = 5, components: int = 1, variance: str = "exp",
+                 logvar_range: tuple[float, float] = (-10.0, 2.0), softmax_mode: str = "literal",
+                 ranking_pool: str = "both_views", bins: int = 20, ranking_chunk: int | None = None,
+                 gather_negatives: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if softmax_mode not in SOFTMAX_MODES:
+            raise ValueError(f"softmax_mode {softmax_mode!r}: use one of {', '.join(SOFTMAX_MODES)}")
+        if ranking_pool not in RANKING_POOLS:
+            raise ValueError(f"ranking_pool {ranking_pool!r}: use one of {', '.join(RANKING_POOLS)}")
+        if bins < 1:
+            raise ValueError(f"bins {bins}: use B >= 1 histogram bins over [-1, 1] (the spec's default is 20)")
+        self.head = GaussianHead(self.trunk.out_dim, self.hparams.embedding_dim, components=components,
+                                 variance=variance, logvar_range=logvar_range)
+        self.temperature, self.lambda_n, self.lambda_r = temperature, lambda_n, lambda_r
+        self.softmax_mode, self.ranking_pool, self.bins = softmax_mode, ranking_pool, bins
+        self.ranking_chunk, self.gather_negatives = ranking_chunk, gather_negatives
+        self.set_num_samples(num_samples)
+
+    def set_num_samples(self, k: int) -> None:
+        """The hook `KSchedule` calls at every epoch start: the number of candidates drawn per view."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"num_samples {k!r}: k must be an integer >= 1")
+        self.num_samples = k
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        v1, v2 = batch["views"][:2]
+        mu, logvar = (t.float() for t in self.head.moments(self.trunk(torch.cat([v1, v2]))))
+        z1, z2 = sample_candidates(mu, logvar, self.num_samples).chunk(2)
+        (mu1, mu2), (logvar1, logvar2) = mu.chunk(2), logvar.chunk(2)
+        consistency = distribution_consistency_loss(mu1, logvar1, mu2, logvar2)
+        shard = (0, 1)
+        if self.gather_negatives:
+            z1, z2 = self.gather(z1), self.gather(z2)
+            shard = (self.global_rank, self.trainer.world_size)
+        set_softmax = set_softmax_loss(z1, z2, self.temperature, self.softmax_mode)
+        ranking = ranking_loss(z1, z2, self.bins, self.ranking_pool, shard, self.ranking_chunk)
+        loss = set_softmax + self.lambda_n * consistency + self.lambda_r * ranking
+        terms = {"loss": loss, "set_softmax": set_softmax, "consistency": consistency, "ranking": ranking}
+        self.log_terms(terms, embedding=GaussianHead.embedding(mu1))
+        self.log_dict({"train/variance": logvar.detach().exp().mean(),
+                       "train/set_mean_norm": z1.detach().mean(dim=1).norm(dim=-1).mean()},
+                      on_step=False, on_epoch=True, batch_size=len(v1))
+        return loss

@@ -1,0 +1,168 @@
+"""UMM's pure pieces against independent computations (spec §12): Eq. 5-7 by explicit sums, the KL by
+torch.distributions, histogram AP by brute-force ranking, and gradients through the sampling."""
+import math
+
+import pytest
+import torch
+from torch.distributions import Independent, Normal, kl_divergence
+
+from lightning_modules.heads import GaussianHead, l2_normalize
+from lightning_modules.umm import (
+    distribution_consistency_loss,
+    histogram_average_precision,
+    ranking_loss,
+    sample_candidates,
+    set_softmax_loss,
+)
+
+
+def unit(*shape, seed=0):
+    return l2_normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+
+
+def test_set_softmax_equals_the_double_sum_of_eq5():
+    n, k, tau = 3, 2, 0.5
+    z1, z2 = unit(n, k, 4, seed=1), unit(n, k, 4, seed=2)
+
+    def d(a, b):  # Eq. 5, mean average inner product of two candidate sets
+        return sum(float(a[u] @ b[t]) for u in range(k) for t in range(k)) / k**2
+
+    nll = [-math.log(math.exp(d(z1[i], z2[i]) / tau) / sum(math.exp(d(z1[j], z2[i]) / tau) for j in range(n)))
+           for i in range(n)]  # Eq. 6-7, anchor x'_i against the first-view sets
+    assert set_softmax_loss(z1, z2, tau).item() == pytest.approx(sum(nll) / n, rel=1e-6)
+    reverse = set_softmax_loss(z2, z1, tau).item()
+    assert set_softmax_loss(z1, z2, tau, "symmetric").item() == pytest.approx((sum(nll) / n + reverse) / 2, rel=1e-6)
+
+
+def test_zero_variance_gives_mu_and_ls_becomes_cross_view_infonce():
+    mu = unit(4, 1, 8, seed=4)
+    z = sample_candidates(mu, torch.full_like(mu, -60.0), 5)
+    assert torch.allclose(z, mu.expand(4, 5, 8).float(), atol=1e-6)
+    z1, z2 = z, sample_candidates(unit(4, 1, 8, seed=5), torch.full_like(mu, -60.0), 5)
+    logits = z2[:, 0] @ z1[:, 0].T / 0.1
+    infonce = torch.nn.functional.cross_entropy(logits, torch.arange(4))
+    assert set_softmax_loss(z1, z2, 0.1).item() == pytest.approx(infonce.item(), rel=1e-5)
+
+
+def test_consistency_equals_the_closed_form_kl_both_ways():
+    mu1, mu2 = unit(5, 6, seed=6), unit(5, 6, seed=7)
+    g = torch.Generator().manual_seed(8)
+    logvar1, logvar2 = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g,
+                                                                                        dtype=torch.float64)
+    p = Independent(Normal(mu1, torch.exp(0.5 * logvar1)), 1)
+    q = Independent(Normal(mu2, torch.exp(0.5 * logvar2)), 1)
+    expected = (kl_divergence(p, q) + kl_divergence(q, p)).mean()
+    assert distribution_consistency_loss(mu1, logvar1, mu2, logvar2).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distribution_consistency_loss(mu1, logvar1, mu1, logvar1).item() == 0.0
+
+
+def brute_force_ap(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """AP per row by sorting: mean over the positive columns of (positives ranked at or above) / rank."""
+    aps = []
+    for s, cols in zip(sim.tolist(), positive.tolist()):
+        ranked = [j in cols for j in sorted(range(len(s)), key=lambda j: -s[j])]
+        hits = [sum(ranked[: r + 1]) / (r + 1) for r, is_positive in enumerate(ranked) if is_positive]
+        aps.append(sum(hits) / len(hits))
+    return torch.tensor(aps, dtype=torch.float64)
+
+
+def test_histogram_ap_is_exact_ap_on_distinct_bin_centres_of_a_fine_histogram():
+    bins, queries, items, positives = 1000, 6, 40, 9
+    g = torch.Generator().manual_seed(9)
+    centre = torch.stack([torch.randperm(bins + 1, generator=g)[:items] for _ in range(queries)])
+    sim = 1.0 - centre.double() * (2.0 / bins)
+    positive = torch.stack([torch.randperm(items, generator=g)[:positives] for _ in range(queries)])
+    ap = histogram_average_precision(sim, positive, bins)
+    assert torch.allclose(ap.double(), brute_force_ap(sim, positive), atol=1e-6)
+    excluded = positive[:, :1]  # leaving a positive out of the list = dropping it from the ranking
+    kept = positive[:, 1:]
+    dropped = sim.scatter(1, excluded, -float("inf"))
+    assert torch.allclose(histogram_average_precision(sim, kept, bins, excluded).double(),
+                          brute_force_ap(dropped, kept), atol=1e-6)
+
+
+def dense_reference_loss(z1, z2, bins):
+    """The spec's §3.6 formula with the full (M, M, B + 1) triangular-kernel tensor, both views pooled."""
+    items = torch.cat([z1, z2]).flatten(0, 1).double()
+    n, k = z1.shape[:2]
+    instance = torch.arange(n).repeat_interleave(k).repeat(2)
+    sim = items @ items.T
+    centres = 1.0 - torch.arange(bins + 1, dtype=torch.float64) * (2.0 / bins)
+    kernel = (1.0 - (sim[..., None] - centres).abs() / (2.0 / bins)).clamp(min=0.0)
+    listed = ~torch.eye(len(items), dtype=torch.bool)
+    positive = (instance[:, None] == instance[None, :]) & listed
+    h = (kernel * listed[..., None]).sum(1)
+    h_pos = (kernel * positive[..., None]).sum(1)
+    ap = (h_pos * h_pos.cumsum(1) / h.cumsum(1).clamp_min(1e-12)).sum(1) / positive.sum(1)
+    return 1.0 - ap.mean()
+
+
+def test_ranking_loss_and_its_gradient_equal_the_dense_kernel_formula():
+    z1, z2 = unit(4, 3, 5, seed=10).requires_grad_(), unit(4, 3, 5, seed=11)
+    expected = dense_reference_loss(z1, z2, 20)
+    (expected_grad,) = torch.autograd.grad(expected, z1)
+    loss = ranking_loss(z1, z2, bins=20)
+    (grad,) = torch.autograd.grad(loss, z1)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert torch.allclose(grad.double(), expected_grad, atol=1e-5) and expected_grad.abs().max() > 1e-3
+
+
+def test_chunks_and_shards_give_the_full_loss_and_gradient():
+    z1, z2 = unit(4, 3, 5, seed=12).float().requires_grad_(), unit(4, 3, 5, seed=13).float()
+    full = ranking_loss(z1, z2, bins=10)
+    (grad_full,) = torch.autograd.grad(full, z1)
+    chunked = ranking_loss(z1, z2, bins=10, chunk=5)
+    (grad_chunked,) = torch.autograd.grad(chunked, z1)
+    assert chunked.item() == pytest.approx(full.item(), abs=1e-6)
+    assert torch.allclose(grad_chunked, grad_full, atol=1e-6)
+    shards = [ranking_loss(z1, z2, bins=10, shard=(i, 3)) for i in range(3)]
+    assert sum(s.item() for s in shards) / 3 == pytest.approx(full.item(), abs=1e-6)
+
+
+def test_literal_pool_is_constant_at_k1_but_both_views_is_not():
+    z1, z2 = torch.eye(6)[:3, None].clone().requires_grad_(), (torch.eye(6)[3:, None] + 0.3).requires_grad_()
+    literal = ranking_loss(z1, l2_normalize(z2), pool="single_view_literal")
+    literal.backward()
+    assert literal.item() == 0.0 and z1.grad.abs().max() == 0.0
+    z1.grad = None
+    both = ranking_loss(z1, l2_normalize(z2))
+    both.backward()
+    assert both.item() > 0.0 and z1.grad.abs().max() > 0.0
+
+
+def test_sampling_is_differentiable_in_mean_and_variance():
+    mu = unit(3, 1, 8, seed=14).float().requires_grad_()
+    logvar = torch.full((3, 1, 8), -2.0, requires_grad=True)
+    z = sample_candidates(mu, logvar, 4, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (3, 4, 8) and torch.allclose(z.norm(dim=-1), torch.ones(3, 4))
+    (set_softmax_loss(*z.chunk(2, dim=1)) + ranking_loss(*z.chunk(2, dim=1))).backward()
+    assert mu.grad.abs().sum() > 0 and logvar.grad.abs().sum() > 0
+    again = sample_candidates(mu, logvar, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, z)
+
+
+def test_mixture_candidates_take_components_in_turn():
+    mu = torch.stack([torch.eye(4)[0], torch.eye(4)[1]])[None]  # one image, C = 2 components
+    z = sample_candidates(mu, torch.full_like(mu, -60.0), 5)
+    assert torch.allclose(z[0], mu[0, [0, 1, 0, 1, 0]])
+
+
+@pytest.mark.parametrize("variance", ["exp", "softplus"])
+def test_gaussian_head_starts_at_variance_one_over_d_and_clamps(variance):
+    head = GaussianHead(16, out_dim=32, components=2, variance=variance)
+    x = torch.randn(5, 16)
+    mu, logvar = head.moments(x)
+    assert mu.shape == logvar.shape == (5, 2, 32)
+    assert torch.allclose(mu.norm(dim=-1), torch.ones(5, 2))
+    assert logvar.exp().mean().item() == pytest.approx(1 / 32, rel=0.05)
+    assert torch.allclose(head(x), l2_normalize(mu.mean(1)))
+    with torch.no_grad():
+        head.log_variance.bias.fill_(50.0)
+    assert head.moments(x)[1].max().item() == 2.0
+
+
+def test_bad_options_name_the_fix():
+    with pytest.raises(ValueError, match="literal, symmetric, isif_2n"):
+        set_softmax_loss(unit(2, 1, 3), unit(2, 1, 3), mode="both")
+    with pytest.raises(ValueError, match="both_views, single_view_literal"):
+        ranking_loss(unit(2, 1, 3), unit(2, 1, 3), pool="all")

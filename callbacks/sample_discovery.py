@@ -147,12 +147,13 @@ class ConfidentSampleDiscovery(L.Callback):
                  pool_factor: int = 10, centers_from: str = "current", normalize: bool = False,
                  per_class_quota: bool = False, fusion: str = "none", fusion_window: int = 3,
                  selector: str = "center_distance", seed: int = 0):
-        for name, value, allowed in (("rule", rule, RULES), ("fusion", fusion, FUSIONS),
-                                     ("selector", selector, SELECTORS), ("centers_from", centers_from, CENTERS_FROM)):
+        for name, value, allowed in (("rule", rule, RULES), ("fusion", fusion, FUSIONS), ("selector", selector,
+                                     SELECTORS), ("centers_from", centers_from, CENTERS_FROM)):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r}: use one of {allowed}")
         if selector == "softmax_confidence" and (fusion != "none" or centers_from != "current"):
-            raise ValueError("selector softmax_confidence uses no centres: leave fusion none, centers_from current")
+            raise ValueError("selector softmax_confidence uses no centres: leave fusion none and centers_from "
+                             "current")
         self.feature_model, self.rule, self.num_discovered, self.pool_factor = (
             feature_model, rule, num_discovered, pool_factor)
         self.centers_from, self.normalize, self.per_class_quota = centers_from, normalize, per_class_quota
@@ -212,8 +213,8 @@ class ConfidentSampleDiscovery(L.Callback):
         num_classes = pl_module.num_classes
         labels, scores = self.score(features, reference, reference_labels, candidates, generation, num_classes)
         count = self.num_discovered or len(reference)
-        rule = {"rule": self.rule, "pool_factor": self.pool_factor,
-                "generator": torch.Generator().manual_seed(self.seed * 1_000_003 + generation * 1009 + iteration)}
+        seed = self.seed * 1_000_003 + generation * 1009 + iteration
+        rule = {"rule": self.rule, "pool_factor": self.pool_factor, "generator": torch.Generator().manual_seed(seed)}
         picked = (select_per_class(scores, labels, count, num_classes, **rule) if self.per_class_quota
                   else select(scores, count, **rule)).cpu()
         chosen, chosen_labels = candidates[picked], labels.cpu()[picked]
@@ -231,7 +232,8 @@ class ConfidentSampleDiscovery(L.Callback):
                labeled: int, num_classes: int) -> None:
         generation, iteration, epoch = when
         known = truth[chosen] >= 0
-        error = (100.0 * (labels[known] != truth[chosen][known]).float().mean().item()) if known.any() else None
+        wrong = labels[known] != truth[chosen][known]
+        error = 100.0 * wrong.float().mean().item() if known.any() else None
         self.history.append({"generation": generation, "iteration": iteration, "epoch": epoch,
                              "count": len(chosen), "labeled": labeled, "error": error,
                              "class_counts": torch.bincount(labels, minlength=num_classes).tolist(),

@@ -111,7 +111,7 @@ class SuiteCLI(LightningCLI):
         Path(self.run_dir, "config.yaml").write_text(config)
 
     def after_fit(self) -> None:
-        # every evaluator's initial / latest / best, merged (a semi run adds ClassificationEvaluator's val/error)
+        # every evaluator's initial / latest / best, merged (semi runs add ClassificationEvaluator's val/error)
         kinds = (EmbeddingEvaluator, ClassificationEvaluator)
         evaluators = [c for c in self.trainer.callbacks if isinstance(c, kinds)]
         initial, final, best = ({k: v for e in evaluators for k, v in getattr(e, part).items()}

@@ -222,7 +222,8 @@ class _ShakeShakeBlock(nn.Module):
         if stride == 2:
             self.shortcut: nn.Module = _ShiftConvDownsample(in_chans, out_chans)
         elif in_chans != out_chans:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_chans, out_chans, 1, bias=False), nn.BatchNorm2d(out_chans))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_chans, out_chans, 1, bias=False),
+                                          nn.BatchNorm2d(out_chans))
         else:
             self.shortcut = nn.Identity()
 
@@ -281,7 +282,8 @@ def _wrn28(in_chans: int, filters: int) -> tuple[nn.Module, int]:
             layers.append(_WideBlock(channels, out, stride=2 if stage and not block else 1,
                                      activate_shortcut=stage == 0 and block == 0))
             channels = out
-    layers += [nn.BatchNorm2d(channels, momentum=0.001), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers += [nn.BatchNorm2d(channels, momentum=0.001), nn.LeakyReLU(0.1),
+               nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     net = nn.Sequential(*layers)
     for m in net.modules():
         if isinstance(m, nn.Conv2d):

@@ -235,12 +235,17 @@ class SemiSupervised(EmbeddingModule):
             loss = loss + self.logit_distance_cost * terms["logit_distance"]
         return {"loss": loss, **terms}, consistency_logits
 
+    @torch.no_grad()
+    def label_guess(self, views: list[Tensor]) -> Tensor:
+        """MixMatch's guessed distribution for the unlabeled rows: the student's mean prediction over the
+        K views, sharpened. A method that guesses with another model (LMCS's master) overrides this."""
+        mean_probs = torch.stack([self(v).float().softmax(dim=1) for v in views]).mean(dim=0)
+        return sharpen(mean_probs, self.sharpen_temperature)
+
     def mixmatch_terms(self, labeled: dict, unlabeled: dict) -> dict[str, Tensor]:
         x = labeled["views"][0]
         views = unlabeled["views"]
-        with torch.no_grad():
-            mean_probs = torch.stack([self(v).float().softmax(dim=1) for v in views]).mean(dim=0)
-            guess = sharpen(mean_probs, self.sharpen_temperature)
+        guess = self.label_guess(views)
         inputs = torch.cat([x, *views])
         targets = torch.cat([F.one_hot(labeled["target"], self.num_classes).float(), *[guess] * len(views)])
         lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample((len(inputs),)).to(x.device)

@@ -50,7 +50,8 @@ class Curriculum:
         """(generation, iteration), both 1-based, of the iteration `epoch` belongs to; None in phase 0."""
         if epoch < self.phase0_epochs:
             return None
-        step = min((epoch - self.phase0_epochs) // self.iteration_epochs, self.generations * self.iterations - 1)
+        last = self.generations * self.iterations - 1
+        step = min((epoch - self.phase0_epochs) // self.iteration_epochs, last)
         return step // self.iterations + 1, step % self.iterations + 1
 
     def starts_iteration(self, epoch: int) -> bool:
@@ -113,11 +114,11 @@ class Snowball(SemiSupervised):
         super().on_fit_start()
         total, max_epochs = self.curriculum.total_epochs, self.trainer.max_epochs
         if max_epochs is None or not 0 < max_epochs <= total:
-            raise ValueError(f"trainer.max_epochs is {max_epochs} but the curriculum {self.curriculum} lasts {total} "
-                             f"epochs: set --trainer.max_epochs {total} or change model.init_args.curriculum")
+            raise ValueError(f"trainer.max_epochs is {max_epochs} but the curriculum {self.curriculum} lasts "
+                             f"{total} epochs: set --trainer.max_epochs {total} or change model.init_args.curriculum")
         if max_epochs < total:
-            rank_zero_warn(f"trainer.max_epochs {max_epochs} stops the run before the curriculum's {total} epochs "
-                           "(fine for a run to be resumed)")
+            rank_zero_warn(f"trainer.max_epochs {max_epochs} stops the run before the curriculum's {total} "
+                           "epochs (fine for a run to be resumed)")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         labeled, unlabeled = batch["labeled"], batch["unlabeled"]

@@ -63,7 +63,8 @@ def test_selection_rules_pick_distinct_rows():
 def test_fusion_modes():
     shifted = FEATURES.clone()
     shifted[6] = torch.tensor([1.0, 1.0])  # the newer model puts candidate 6 next to class 0
-    labels, scores = fused_scores([FEATURES, shifted], REFERENCE, REFERENCE_LABELS, CANDIDATES, 2, "avg_distance")
+    both = [FEATURES, shifted]
+    labels, scores = fused_scores(both, REFERENCE, REFERENCE_LABELS, CANDIDATES, 2, "avg_distance")
     assert labels[2].item() == 0 and scores[2].item() == pytest.approx((5.5 + 1.0) / 2)  # centre 0: 5.5 and 1
     labels, _ = fused_scores([FEATURES, FEATURES], REFERENCE, REFERENCE_LABELS, CANDIDATES, 2, "cascade")
     assert labels.tolist() == [0, 1, 1, 0, 1]
@@ -73,14 +74,14 @@ def test_fusion_modes():
     assert scores.tolist() == pytest.approx([0.0, 1.0, 3.0, 3.5, 2.5])
 
 
-def snowball_fit(tmp_path, max_epochs: int, ckpt_path=None, discovery: ConfidentSampleDiscovery | None = None):
+def snowball_fit(tmp_path, max_epochs: int, ckpt_path=None):
     """Snowball on a 20 % digits training split (359 images, 3 labels per class): no phase 0, 2 generations
     x 2 iterations of 1 epoch, one training batch and one validation batch each."""
     L.seed_everything(0)
     model = Snowball(backbone="small_cnn", in_chans=1, curriculum=Curriculum(0, 1, 2, 2), rampup_steps=2)
     data = DigitsDataModule(protocol="semi", labels_per_class=3, test_fraction=0.8, batch_size=64,
                             labeled_batch_size=16, eval_batch_size=128, unlabeled_includes_labeled=True)
-    discovery = discovery or ConfidentSampleDiscovery()
+    discovery = ConfidentSampleDiscovery()
     trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, limit_train_batches=1, limit_val_batches=1,
                         num_sanity_val_steps=0,
                         callbacks=[ClassificationEvaluator(), discovery, last_checkpoint(str(tmp_path / "ckpt"))],

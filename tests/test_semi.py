@@ -113,7 +113,8 @@ def test_digits_labeled_split_is_n_per_class_seeded_and_disjoint_from_the_unlabe
 def test_curriculum_positions_and_lr_restart():
     c = Curriculum(phase0_epochs=3, iteration_epochs=2, generations=2, iterations=2)
     assert c.total_epochs == 11
-    assert [c.position(e) for e in range(11)] == [None] * 3 + [(1, 1)] * 2 + [(1, 2)] * 2 + [(2, 1)] * 2 + [(2, 2)] * 2
+    assert [c.position(e) for e in range(11)] == [None] * 3 + [(1, 1), (1, 1), (1, 2), (1, 2), (2, 1), (2, 1),
+                                                             (2, 2), (2, 2)]
     assert [e for e in range(12) if c.starts_iteration(e)] == [3, 5, 7, 9]
     assert c.phase_epoch(1) == (1, 3) and c.phase_epoch(8) == (1, 2)
     model = Snowball(backbone="small_cnn", in_chans=1, curriculum=c, schedule=Schedule(name="cosine"))

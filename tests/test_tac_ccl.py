@@ -211,7 +211,7 @@ class BatchNormProbe(L.Callback):
 
 def test_googlenet_batchnorm_stays_frozen_across_a_fit_with_validation():
     L.seed_everything(0)
-    model = TACCCL(backbone="googlenet", frozen_bn=True, embedding_dim=16, attention_reduction=16)
+    model = TACCCL(backbone="googlenet", frozen_bn=True, embedding_dim=16, tac_weight=0.0, feature_weight=0.0)
     bns = [m for m in model.trunk.modules() if isinstance(m, nn.BatchNorm2d)]
     before = [(bn.running_mean.clone(), bn.running_var.clone(), bn.weight.clone()) for bn in bns]
     attention_before = model.attention.spatial.weight.detach().clone()

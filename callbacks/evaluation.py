@@ -10,7 +10,7 @@ gives the random-init metrics `initial`; every later validation updates `latest`
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -36,7 +36,43 @@ def gather_unique(pl_module: L.LightningModule, embedding: torch.Tensor, target:
     return deduplicate(embedding, target, index)
 
 
-class EmbeddingEvaluator(L.Callback):
+class Scoreboard(L.Callback):
+    """The bookkeeping every evaluator shares: `initial` (the random-init network, from Lightning's sanity
+    check over the full eval loaders), `latest` and `best` after every validation, kept across a resume."""
+
+    higher_is_better = True
+
+    def __init__(self):
+        self.initial: dict[str, float] = {}
+        self.latest: dict[str, float] = {}
+        self.best: dict[str, float] = {}
+
+    def record(self, trainer, pl_module, scores: Callable[[], dict[str, float]], complete: bool) -> None:
+        """Store (and log) `scores()`; in the sanity check only when it saw every eval image."""
+        if trainer.sanity_checking:
+            if not complete:
+                warnings.warn("the sanity check saw part of the eval data: set trainer.num_sanity_val_steps=-1 "
+                              "to get the random-init metrics")
+            elif not self.initial:  # a resumed run keeps the initial metrics of its first start
+                self.initial = scores()
+            return
+        self.latest = scores()
+        pick = max if self.higher_is_better else min
+        for name, value in self.latest.items():
+            self.best[name] = pick(self.best.get(name, value), value)
+        pl_module.log_dict(self.latest, sync_dist=False, rank_zero_only=False)
+        pl_module.log_dict({f"best/{k[4:]}": v for k, v in self.best.items()}, sync_dist=False)
+
+    def state_dict(self) -> dict:
+        return {"initial": self.initial, "latest": self.latest, "best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.initial = dict(state_dict["initial"])
+        self.latest = dict(state_dict["latest"])
+        self.best = dict(state_dict["best"])
+
+
+class EmbeddingEvaluator(Scoreboard):
     """Scores the embedding on the datamodule's eval roles after every validation loop.
 
     Args:
@@ -56,9 +92,7 @@ class EmbeddingEvaluator(L.Callback):
         self.recall_ks, self.knn_k, self.knn_temperature = list(recall_ks), knn_k, knn_temperature
         self.nmi, self.nmi_average, self.kmeans_restarts = nmi, nmi_average, kmeans_restarts
         self.seed, self.backend = seed, backend
-        self.initial: dict[str, float] = {}
-        self.latest: dict[str, float] = {}
-        self.best: dict[str, float] = {}
+        super().__init__()
         self._buffers: dict[int, list[dict]] = {}
 
     # -- collection -----------------------------------------------------------------------------
@@ -98,27 +132,7 @@ class EmbeddingEvaluator(L.Callback):
             emb, target, index = self._collect(pl_module, i)
             complete &= len(index) == len(trainer.val_dataloaders[i].dataset)
             sets[role] = (emb, target)
-        if trainer.sanity_checking:
-            if not complete:
-                warnings.warn("the sanity check saw part of the eval data: set trainer.num_sanity_val_steps=-1 "
-                              "to get the random-init metrics")
-            elif not self.initial:  # a resumed run keeps the initial metrics of its first start
-                self.initial = self.score(sets)
-            return
-        self.latest = self.score(sets)
-        for name, value in self.latest.items():
-            self.best[name] = max(self.best.get(name, value), value)
-        pl_module.log_dict(self.latest, sync_dist=False, rank_zero_only=False)
-        pl_module.log_dict({f"best/{k[4:]}": v for k, v in self.best.items()}, sync_dist=False)
-
-    # -- resume ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"initial": self.initial, "latest": self.latest, "best": self.best}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.initial = dict(state_dict["initial"])
-        self.latest = dict(state_dict["latest"])
-        self.best = dict(state_dict["best"])
+        self.record(trainer, pl_module, lambda: self.score(sets), complete)
 
 
 def error_rate(logits: torch.Tensor, target: torch.Tensor) -> float:
@@ -126,7 +140,7 @@ def error_rate(logits: torch.Tensor, target: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(dim=1) != target).float().mean().item()
 
 
-class ClassificationEvaluator(L.Callback):
+class ClassificationEvaluator(Scoreboard):
     """Top-1 test error (%) of a classifier module on the `role` eval loader (semi protocol: `query`).
 
     validation_step yields "logits" (the model the method reports: val/error) and "logits_<name>" for
@@ -135,11 +149,11 @@ class ClassificationEvaluator(L.Callback):
     `initial` from the full sanity-check pass, then `latest` and `best` (lowest) after every validation.
     """
 
+    higher_is_better = False
+
     def __init__(self, role: str = "query"):
+        super().__init__()
         self.role = role
-        self.initial: dict[str, float] = {}
-        self.latest: dict[str, float] = {}
-        self.best: dict[str, float] = {}
         self._buffers: list[dict] = []
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -167,24 +181,5 @@ class ClassificationEvaluator(L.Callback):
                              f"{sorted(self._buffers[0]) if self._buffers else 'no outputs'}); use a "
                              "classifier module such as lightning_modules.semi.SemiSupervised")
         scores, count = self.score(pl_module)
-        if trainer.sanity_checking:
-            role_index = trainer.datamodule.eval_roles.index(self.role)
-            if count != len(trainer.val_dataloaders[role_index].dataset):
-                warnings.warn("the sanity check saw part of the eval data: set trainer.num_sanity_val_steps=-1 "
-                              "to get the random-init error")
-            elif not self.initial:  # a resumed run keeps the initial error of its first start
-                self.initial = scores
-            return
-        self.latest = scores
-        for name, value in scores.items():
-            self.best[name] = min(self.best.get(name, value), value)
-        pl_module.log_dict(self.latest, sync_dist=False, rank_zero_only=False)
-        pl_module.log_dict({f"best/{k[4:]}": v for k, v in self.best.items()}, sync_dist=False)
-
-    def state_dict(self) -> dict:
-        return {"initial": self.initial, "latest": self.latest, "best": self.best}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.initial = dict(state_dict["initial"])
-        self.latest = dict(state_dict["latest"])
-        self.best = dict(state_dict["best"])
+        role_index = trainer.datamodule.eval_roles.index(self.role)
+        self.record(trainer, pl_module, lambda: scores, count == len(trainer.val_dataloaders[role_index].dataset))

@@ -2,7 +2,7 @@
 sample discovery and nearest-neighbour positives all start from."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import lightning as L
 import torch

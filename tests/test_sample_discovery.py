@@ -21,14 +21,7 @@ from datamodules.digits import DigitsDataModule
 from experiments.train import last_checkpoint
 from lightning_modules.snowball import Curriculum, Snowball
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # rows 0-3: the labeled images (class 0 around (0, 1), class 1 around (10, 1)); rows 4-8: candidates
 FEATURES = torch.tensor([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [10.0, 2.0],

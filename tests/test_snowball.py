@@ -4,20 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from experiments.train import RUN_DIR_ENV, main
 
 CONFIGS = "experiments/configs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_snowball_digits_cli_lowers_the_error(tmp_path, monkeypatch):

@@ -1,0 +1,78 @@
+"""Every shipped config parses against the classes it names (keys, types, callbacks) without a dataset on
+disk, and the ablation rows the configs' headers advertise parse from the command line."""
+from pathlib import Path
+
+import pytest
+
+from experiments.train import RUN_DIR_ENV, SuiteCLI
+
+CONFIGS = Path("experiments/configs")
+METHODS = {"isif": "lightning_modules.isif.ISIF", "umm": "lightning_modules.umm.UMM",
+           "tac_ccl": "lightning_modules.tac_ccl.TACCCL", "snowball": "lightning_modules.snowball.Snowball"}
+
+
+def files(config: Path) -> list[str]:
+    dataset = config.stem.split("-")[0]
+    return ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "datasets" / f"{dataset}.yaml"),
+            "--config", str(config)]
+
+
+@pytest.fixture(scope="module")
+def parser(tmp_path_factory):
+    """One CLI parser (built from the digits ISIF config) checks every file."""
+    import os
+
+    os.environ.pop(RUN_DIR_ENV, None)
+    cli = SuiteCLI(args=[*files(CONFIGS / "isif" / "digits.yaml"), "--run.dir", str(tmp_path_factory.mktemp("r")),
+                         "--run.logger", "none"], run=False)
+    return cli.parser
+
+
+def callbacks(cfg) -> list[str]:
+    return [c.class_path for c in cfg.trainer.callbacks or []]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_config_of_a_method_parses_to_its_module(parser, method):
+    configs = sorted((CONFIGS / method).glob("*.yaml"))
+    assert len(configs) >= 5
+    for config in configs:
+        cfg = parser.parse_args(files(config))
+        expected = METHODS[method]
+        if config.stem == "digits-supervised":  # the Snowball baseline: the semi base, labels only
+            expected = "lightning_modules.semi.SemiSupervised"
+        assert cfg.model.class_path == expected, config
+        if method == "umm":
+            assert "callbacks.k_schedule.KSchedule" in callbacks(cfg), config
+        if method == "tac_ccl":
+            assert "callbacks.pseudo_labels.KMeansPseudoLabels" in callbacks(cfg), config
+            assert cfg.data.init_args.protocol == "unseen" and cfg.data.init_args.sampler == "pk", config
+        if method == "snowball":
+            assert callbacks(cfg)[0] == "callbacks.evaluation.ClassificationEvaluator", config
+            if config.stem != "digits-supervised":
+                assert callbacks(cfg)[1] == "callbacks.sample_discovery.ConfidentSampleDiscovery", config
+                c = cfg.model.init_args.curriculum
+                assert cfg.trainer.max_epochs == c.phase0_epochs + c.generations * c.iterations * c.iteration_epochs
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--model.ccl_weight=0", "--model.tac_weight=0", "--model.feature_weight=0"],  # Table 4.4 Baseline
+     {"ccl_weight": 0.0, "tac_weight": 0.0, "feature_weight": 0.0}),
+    (["--model.tac_weight=0", "--model.feature_weight=0"], {"ccl_weight": 1.0, "tac_weight": 0.0}),  # +CCL
+    (["--model.cross.probability=0"], {"tac_weight": 1.0}),  # self-TAC only
+    (["--model.cross.mode=literal"], {}),                     # Eq. 4.6 as printed
+    (["--model.memory_weight=0"], {"memory_weight": 0.0}),
+])
+def test_tac_ccl_ablation_rows_parse_from_the_command_line(parser, flags, expected):
+    args = parser.parse_args([*files(CONFIGS / "tac_ccl" / "cub.yaml"), *flags]).model.init_args
+    for key, value in expected.items():
+        assert args[key] == value, key
+    if "--model.cross.probability=0" in flags:
+        assert args.cross["probability"] == 0
+    if "--model.cross.mode=literal" in flags:
+        assert args.cross["mode"] == "literal"
+
+
+def test_a_misspelt_key_is_rejected(parser):
+    with pytest.raises(SystemExit):
+        parser.parse_args([*files(CONFIGS / "snowball" / "digits.yaml"), "--model.init_args.curriculum.generation=2"])

@@ -76,3 +76,33 @@ def test_tac_ccl_ablation_rows_parse_from_the_command_line(parser, flags, expect
 def test_a_misspelt_key_is_rejected(parser):
     with pytest.raises(SystemExit):
         parser.parse_args([*files(CONFIGS / "snowball" / "digits.yaml"), "--model.init_args.curriculum.generation=2"])
+
+
+def sweep_trial(sweep: dict) -> tuple[list[str], dict]:
+    """The command line W&B's agent builds for one trial (each parameter at its first value or its min)."""
+    values = {name: spec["values"][0] if "values" in spec else spec["min"]
+              for name, spec in sweep["parameters"].items()}
+    command = sweep["command"]
+    start = command.index("fit") + 1
+    args = [a for a in command[start:] if a != "${args}"] + [f"--{k}={v}" for k, v in values.items()]
+    return args, values
+
+
+@pytest.mark.parametrize("path", sorted(Path("experiments/sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_sweep_trial_parses_and_sets_its_values(parser, path):
+    import yaml
+
+    sweep = yaml.safe_load(path.read_text())
+    assert sweep["metric"]["name"].startswith("val/")
+    args, values = sweep_trial(sweep)
+    cfg = parser.parse_args(args)
+    for name, value in values.items():
+        node = cfg
+        for part in name.split("."):
+            if part == "callbacks":
+                node = node[part][-1]  # jsonargparse's `trainer.callbacks.init_args.x` edits the last callback
+            elif part != "init_args" and "init_args" in node and part not in node:
+                node = node["init_args"][part]
+            else:
+                node = node[part]
+        assert node == pytest.approx(value), name

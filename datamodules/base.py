@@ -366,6 +366,14 @@ class EmbeddingDataModule(L.LightningDataModule):
         if labels.shape != (len(self.splits["train"]),):
             raise ValueError(f"set_pseudo_labels: {labels.shape} labels for {len(self.splits['train'])} "
                              "training images")
+        if self.sampler == "pk":
+            per_batch = self._per_rank(self.batch_size) // self.samples_per_class
+            clusters = len(np.unique(labels[labels >= 0]))
+            if clusters < per_batch:
+                raise ValueError(f"set_pseudo_labels: {clusters} clusters, but a P x K batch draws P = {per_batch} "
+                                 f"of them ({self._per_rank(self.batch_size)} images per process / samples_per_class "
+                                 f"{self.samples_per_class}): use at least {per_batch} clusters, or lower "
+                                 "--data.init_args.batch_size, or raise --data.init_args.samples_per_class")
         self.pseudo_labels = labels
         if self._pk_sampler is not None:
             self._pk_sampler.set_labels(labels)

@@ -78,9 +78,10 @@ def test_a_misspelt_key_is_rejected(parser):
         parser.parse_args([*files(CONFIGS / "snowball" / "digits.yaml"), "--model.init_args.curriculum.generation=2"])
 
 
-def sweep_trial(sweep: dict) -> tuple[list[str], dict]:
-    """The command line W&B's agent builds for one trial (each parameter at its first value or its min)."""
-    values = {name: spec["values"][0] if "values" in spec else spec["min"]
+def sweep_trial(sweep: dict, end: int) -> tuple[list[str], dict]:
+    """The command line W&B's agent builds for one trial: every parameter at its first value or min
+    (end 0) or its last value or max (end -1)."""
+    values = {name: spec["values"][end] if "values" in spec else spec["min" if end == 0 else "max"]
               for name, spec in sweep["parameters"].items()}
     command = sweep["command"]
     start = command.index("fit") + 1
@@ -94,7 +95,11 @@ def test_every_sweep_trial_parses_and_sets_its_values(parser, path):
 
     sweep = yaml.safe_load(path.read_text())
     assert sweep["metric"]["name"].startswith("val/")
-    args, values = sweep_trial(sweep)
+    for end in (0, -1):  # two trials: no value can pass by being the config's default in both
+        check_trial(parser, *sweep_trial(sweep, end))
+
+
+def check_trial(parser, args: list[str], values: dict) -> None:
     cfg = parser.parse_args(args)
     for name, value in values.items():
         node = cfg

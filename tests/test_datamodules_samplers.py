@@ -110,6 +110,8 @@ def test_datamodule_pk_batches_follow_pseudo_labels_and_keep_targets_hidden(tmp_
     assert restored.pseudo_labels.tolist() == dm.pseudo_labels.tolist()
     with pytest.raises(ValueError, match="not a multiple of samples_per_class"):
         CUBDataModule(root=dm.root, batch_size=5, sampler="pk", samples_per_class=2).train_dataloader()
+    with pytest.raises(ValueError, match="1 clusters, but a P x K batch draws P = 2 .* use at least 2 clusters"):
+        dm.set_pseudo_labels(torch.tensor([0] * 10 + [-1, -1]))  # one cluster (and two unassigned)
 
 
 def test_supervised_pk_uses_true_labels(tmp_path):

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 TIMM_PREFIX = "timm:"
 DOWNLOADABLE = ("resnet18", "resnet50", "googlenet")  # torchvision archs with ImageNet weights
-WEIGHTS_HINT = "pass weights=/path/to/file.pth (a state dict saved with torch.save)"
+WEIGHTS_HINT = ("pass weights=/path/to/file.pth (on the command line: --model.weights=/path/to/file.pth), a state "
+                "dict saved with torch.save")
 _CLASSIFIER_ROOTS = ("fc", "classifier", "head")
 
 

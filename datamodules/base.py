@@ -367,11 +367,12 @@ class EmbeddingDataModule(L.LightningDataModule):
             raise ValueError(f"set_pseudo_labels: {labels.shape} labels for {len(self.splits['train'])} "
                              "training images")
         if self.sampler == "pk":
-            per_batch = self._per_rank(self.batch_size) // self.samples_per_class
+            per_rank = self._per_rank(self.batch_size)
+            per_batch = per_rank // self.samples_per_class
             clusters = len(np.unique(labels[labels >= 0]))
             if clusters < per_batch:
                 raise ValueError(f"set_pseudo_labels: {clusters} clusters, but a P x K batch draws P = {per_batch} "
-                                 f"of them ({self._per_rank(self.batch_size)} images per process / samples_per_class "
+                                 f"of them ({per_rank} images per process / samples_per_class "
                                  f"{self.samples_per_class}): use at least {per_batch} clusters, or lower "
                                  "--data.init_args.batch_size, or raise --data.init_args.samples_per_class")
         self.pseudo_labels = labels
@@ -572,3 +573,17 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
+
+
+class RetrievalDataModule(EmbeddingDataModule):
+    """The metric-learning benchmarks (CUB, Cars196, SOP, In-Shop): unseen classes only, ImageNet
+    statistics (pretrained backbones), 227-pixel crops with the fine-grained augmentation by default."""
+
+    protocols = ("unseen",)
+    mean = (0.485, 0.456, 0.406)
+    std = (0.229, 0.224, 0.225)
+
+    def __init__(self, root: str | None = None, protocol: str = "unseen", image_size: int = 227,
+                 train_transform: str = "fine_grained", eval_transform: str = "center", **kwargs):
+        super().__init__(root=root, protocol=protocol, image_size=image_size, train_transform=train_transform,
+                         eval_transform=eval_transform, **kwargs)

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 from scipy.io import loadmat
 
-from datamodules.base import EmbeddingDataModule, Records, require_paths
+from datamodules.base import Records, RetrievalDataModule, require_paths
 
 CARS_URL = "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (cars_annos.mat and car_ims.tgz)"
 FILES = ("cars_annos.mat", "car_ims")
@@ -27,19 +27,11 @@ def read_cars(root: Path) -> Records:
     return Records(paths, annotations["class"].astype(np.int64) - 1)
 
 
-class CarsDataModule(EmbeddingDataModule):
+class CarsDataModule(RetrievalDataModule):
     """Cars196, 196 car models; train = classes 1-98, test = 99-196 (each relabelled 0-97)."""
 
     name = "Cars196"
-    protocols = ("unseen",)
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
     published_counts: ClassVar[dict[str, int]] = {"train": 8_054, "test": 8_131}
-
-    def __init__(self, root: str | None = None, protocol: str = "unseen", image_size: int = 227,
-                 train_transform: str = "fine_grained", eval_transform: str = "center", **kwargs):
-        super().__init__(root=root, protocol=protocol, image_size=image_size, train_transform=train_transform,
-                         eval_transform=eval_transform, **kwargs)
 
     def read_records(self) -> dict[str, Records]:
         everything = read_cars(require_paths(self.name, self.root, FILES, CARS_URL))

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from datamodules.base import EmbeddingDataModule, Records, dataset_dir
+from datamodules.base import Records, RetrievalDataModule, dataset_dir
 
 CUB_URL = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
 FILES = ("images.txt", "image_class_labels.txt", "images")
@@ -39,19 +39,11 @@ def read_cub(folder: Path) -> Records:
     return Records(paths, np.array([int(classes[i]) - 1 for i in ids]))
 
 
-class CUBDataModule(EmbeddingDataModule):
+class CUBDataModule(RetrievalDataModule):
     """CUB-200-2011, 200 bird classes; train = classes 1-100, test = 101-200 (each relabelled 0-99)."""
 
     name = "CUB"
-    protocols = ("unseen",)
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
     published_counts: ClassVar[dict[str, int]] = {"train": 5_864, "test": 5_924}
-
-    def __init__(self, root: str | None = None, protocol: str = "unseen", image_size: int = 227,
-                 train_transform: str = "fine_grained", eval_transform: str = "center", **kwargs):
-        super().__init__(root=root, protocol=protocol, image_size=image_size, train_transform=train_transform,
-                         eval_transform=eval_transform, **kwargs)
 
     def read_records(self) -> dict[str, Records]:
         everything = read_cub(dataset_dir(self.name, self.root, "CUB_200_2011", FILES, CUB_URL))

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from datamodules.base import EmbeddingDataModule, Records, require_paths
+from datamodules.base import Records, RetrievalDataModule, require_paths
 
 INSHOP_URL = "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"
 PARTITION = "Eval/list_eval_partition.txt"
@@ -50,13 +50,10 @@ def read_partition(root: Path) -> dict[str, Records]:
             "query": records(rows["query"], test_items), "gallery": records(rows["gallery"], test_items)}
 
 
-class InShopDataModule(EmbeddingDataModule):
+class InShopDataModule(RetrievalDataModule):
     """In-Shop Clothes Retrieval: eval roles `query` and `gallery`."""
 
     name = "In-Shop"
-    protocols = ("unseen",)
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
     published_counts: ClassVar[dict[str, int]] = {"train": 25_882, "query": 14_218, "gallery": 12_612}
 
     def __init__(self, root: str | None = None, protocol: str = "unseen", image_size: int = 227,

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from datamodules.base import EmbeddingDataModule, Records, dataset_dir
+from datamodules.base import Records, RetrievalDataModule, dataset_dir
 
 SOP_URL = "https://cvgl.stanford.edu/projects/lifted_struct/"
 FILES = ("Ebay_train.txt", "Ebay_test.txt")
@@ -30,19 +30,11 @@ def read_ebay_list(folder: Path, name: str) -> Records:
     return Records(paths, classes).by_class(np.unique(classes))
 
 
-class SOPDataModule(EmbeddingDataModule):
+class SOPDataModule(RetrievalDataModule):
     """Stanford Online Products, 22,634 products in 12 super classes."""
 
     name = "SOP"
-    protocols = ("unseen",)
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
     published_counts: ClassVar[dict[str, int]] = {"train": 59_551, "test": 60_502}
-
-    def __init__(self, root: str | None = None, protocol: str = "unseen", image_size: int = 227,
-                 train_transform: str = "fine_grained", eval_transform: str = "center", **kwargs):
-        super().__init__(root=root, protocol=protocol, image_size=image_size, train_transform=train_transform,
-                         eval_transform=eval_transform, **kwargs)
 
     def read_records(self) -> dict[str, Records]:
         folder = dataset_dir(self.name, self.root, "Stanford_Online_Products", FILES, SOP_URL)

@@ -1,4 +1,4 @@
-"""The CLI end to end with TAC-CCL on digits (what `make train METHOD=tac_ccl` runs), shortened."""
+"""The CLI end to end with TAC-CCL on digits: what `make train METHOD=tac_ccl` runs (6 epochs, ~20 s)."""
 import json
 import math
 from pathlib import Path
@@ -13,12 +13,12 @@ def test_tac_ccl_digits_config_trains_and_writes_final_metrics(tmp_path, monkeyp
     run_dir = tmp_path / "run"
     main(["fit", "--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/datasets/digits.yaml",
           "--config", f"{CONFIGS}/tac_ccl/digits.yaml", "--run.dir", str(run_dir), "--run.logger=csv",
-          "--trainer.enable_progress_bar=false", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-          "--evaluation.kmeans_restarts=1", "--data.num_workers=0"])
+          "--trainer.enable_progress_bar=false", "--evaluation.kmeans_restarts=1", "--data.num_workers=0"])
     metrics = json.loads(Path(run_dir, "final_metrics.json").read_text())
     assert set(metrics["final"]) == {f"val/recall@{k}" for k in (1, 2, 4, 8)} | {"val/nmi"}
     assert all(math.isfinite(v) for v in metrics["final"].values())
     assert metrics["final"] != metrics["initial"]
+    assert metrics["final"]["val/recall@1"] > metrics["initial"]["val/recall@1"] + 1  # 96.0 -> 98.3: beats random init
     config = (run_dir / "config.yaml").read_text()
     assert "lightning_modules.tac_ccl.TACCCL" in config
     assert "callbacks.pseudo_labels.KMeansPseudoLabels" in config

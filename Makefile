@@ -11,7 +11,7 @@ RUN_DIR ?= runs/$(METHOD)-$(DATASET)$(if $(VARIANT),-$(VARIANT))-$(shell date +%
 CONFIGS := experiments/configs
 ARGS ?=
 
-.PHONY: install train test bench compare lint clean
+.PHONY: install train test bench seeds compare lint clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench $(ARGS)
+
+seeds: $(STAMP)
+	$(PY) -m experiments.seeds $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -4,16 +4,21 @@ The validation loop yields {"embedding", "target", "index"} per batch; the evalu
 role, gathers all ranks, drops the distributed sampler's padding by `index`, and scores:
   reference + query  -> val/knn_top1 (weighted kNN of queries against the reference)
   query (+ gallery)  -> val/recall@K (leave-one-out on query, or query -> gallery), val/nmi (on query)
+NMI comes from one k-means clustering in both normalisations (val/nmi_arithmetic, val/nmi_geometric; val/nmi
+repeats the configured one); `nmi: last` runs it only in the random-init pass and the final validation.
 The validation run before the first training step (Lightning's sanity check, run over the full loaders)
 gives the random-init metrics `initial`; every later validation updates `latest` and `best`.
 """
 from __future__ import annotations
 
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks import metrics
 
@@ -78,17 +83,23 @@ class EmbeddingEvaluator(Scoreboard):
     Args:
       recall_ks: K list for Recall@K (CUB/Cars 1,2,4,8; SOP 1,10,100; In-Shop 1,10,20,30,40,50).
       knn_k, knn_temperature: weighted kNN (k = 200, weights exp(s / 0.1), NPID/ISIF rule).
-      nmi: run k-means on the query embeddings (one cluster per class) and report NMI.
-      nmi_average: "arithmetic" (lifted-struct formula, sklearn >= 0.22) or "geometric" (ISIF era).
+      nmi: run k-means on the query embeddings (one cluster per class) and report NMI: true (every
+        validation), false, or "last" (the random-init pass and the final validation only: SOP's
+        11,316-cluster k-means is too costly to run at every validation).
+      nmi_average: the normalisation `val/nmi` reports: "arithmetic" (lifted-struct formula, sklearn >=
+        0.22) or "geometric" (ISIF era); both are logged as val/nmi_<average> from the same clustering.
       kmeans_restarts, seed: k-means restarts and seed, set explicitly so NMI is reproducible.
       backend: "auto" (faiss, on GPU when present) or "torch".
     """
 
     def __init__(self, recall_ks: Sequence[int] = (1, 2, 4, 8), knn_k: int = 200, knn_temperature: float = 0.1,
-                 nmi: bool = True, nmi_average: str = "arithmetic", kmeans_restarts: int = 10, seed: int = 0,
-                 backend: str = "auto"):
-        if nmi_average not in ("arithmetic", "geometric"):
+                 nmi: bool | Literal["last"] = True, nmi_average: str = "arithmetic", kmeans_restarts: int = 10,
+                 seed: int = 0, backend: str = "auto"):
+        if nmi_average not in metrics.NMI_AVERAGES:
             raise ValueError(f"nmi_average {nmi_average!r}: use arithmetic or geometric")
+        if nmi not in (True, False, "last"):
+            raise ValueError(f"nmi {nmi!r}: use true (every validation), false, or last (random-init pass and "
+                             "final validation only)")
         self.recall_ks, self.knn_k, self.knn_temperature = list(recall_ks), knn_k, knn_temperature
         self.nmi, self.nmi_average, self.kmeans_restarts = nmi, nmi_average, kmeans_restarts
         self.seed, self.backend = seed, backend
@@ -108,8 +119,9 @@ class EmbeddingEvaluator(Scoreboard):
         return gather_unique(pl_module, *(torch.cat([p[k] for p in parts]) for k in ("embedding", "target", "index")))
 
     # -- scoring --------------------------------------------------------------------------------
-    def score(self, sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Metrics from {role: (embedding, target)}; a pure function of the embeddings."""
+    def score(self, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], nmi: bool | None = None) -> dict[str, float]:
+        """Metrics from {role: (embedding, target)}; a pure function of the embeddings. `nmi` overrides
+        whether NMI runs (default: unless configured off)."""
         out: dict[str, float] = {}
         query_emb, query_target = sets["query"]
         if "reference" in sets:
@@ -120,10 +132,27 @@ class EmbeddingEvaluator(Scoreboard):
             gallery = sets.get("gallery", (None, None))
             recalls = metrics.recall_at_k(query_emb, query_target, self.recall_ks, *gallery)
             out.update({f"val/recall@{k}": v for k, v in recalls.items()})
-        if self.nmi:
-            out["val/nmi"] = metrics.nmi(query_emb, query_target, seed=self.seed, restarts=self.kmeans_restarts,
-                                         average_method=self.nmi_average, backend=self.backend)
+        if self.nmi if nmi is None else nmi:
+            scores = metrics.nmi_scores(query_emb, query_target, seed=self.seed, restarts=self.kmeans_restarts,
+                                        backend=self.backend)
+            out["val/nmi"] = scores[self.nmi_average]
+            out.update({f"val/nmi_{average}": value for average, value in scores.items()})
         return out
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        every = trainer.check_val_every_n_epoch
+        epochs = trainer.max_epochs
+        if self.nmi == "last" and trainer.max_steps == -1 and every and epochs not in (None, -1) and epochs % every:
+            raise ValueError(f"evaluation.nmi=last needs a validation at the last epoch, but max_epochs "
+                             f"{trainer.max_epochs} is not a multiple of check_val_every_n_epoch {every}: "
+                             "change one of them, or set --evaluation.nmi=true")
+
+    def runs_nmi(self, trainer) -> bool:
+        """Whether this validation computes NMI: always with nmi=true; with nmi="last" in the random-init
+        pass, outside fit (trainer.validate) and at the validation that ends training."""
+        if self.nmi != "last":
+            return bool(self.nmi)
+        return trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or is_final_validation(trainer)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         roles = trainer.datamodule.eval_roles
@@ -132,12 +161,29 @@ class EmbeddingEvaluator(Scoreboard):
             emb, target, index = self._collect(pl_module, i)
             complete &= len(index) == len(trainer.val_dataloaders[i].dataset)
             sets[role] = (emb, target)
-        self.record(trainer, pl_module, lambda: self.score(sets), complete)
+        nmi = self.runs_nmi(trainer)
+        self.record(trainer, pl_module, lambda: self.score(sets, nmi), complete)
+
+
+def is_final_validation(trainer) -> bool:
+    """The validation after the last training step of the run: the last batch of the last epoch, or
+    max_steps reached, or a stop requested before the validation began."""
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return True
+    last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    return last_batch and (last_epoch or trainer.should_stop)
 
 
 def error_rate(logits: torch.Tensor, target: torch.Tensor) -> float:
     """Top-1 error in percent."""
     return 100.0 * (logits.argmax(dim=1) != target).float().mean().item()
+
+
+def median_of_last(values: Sequence[float], window: int) -> float | None:
+    """Median of the last `window` values (MixMatch's report: the last 20 checkpoints); None until there
+    are that many."""
+    return statistics.median(values[-window:]) if len(values) >= window else None
 
 
 class ClassificationEvaluator(Scoreboard):
@@ -147,14 +193,30 @@ class ClassificationEvaluator(Scoreboard):
     every model it keeps (val/error_<name>, e.g. student / teacher / master, for comparison), with
     "target" and "index". Like EmbeddingEvaluator: gathered over ranks, padding dropped by index,
     `initial` from the full sanity-check pass, then `latest` and `best` (lowest) after every validation.
+
+    median_window: also report val/error_median<window>, the median val/error of the last `window`
+      validations once there are that many (MixMatch's rule: 20, one per 1,024 steps); 0 = off.
+    The last epoch must be a validated one (final = the last epoch): fit refuses a max_epochs that
+    check_val_every_n_epoch does not divide.
     """
 
     higher_is_better = False
 
-    def __init__(self, role: str = "query"):
+    def __init__(self, role: str = "query", median_window: int = 0):
         super().__init__()
-        self.role = role
+        if median_window < 0:
+            raise ValueError(f"median_window {median_window}: use 0 (off) or the number of validations")
+        self.role, self.median_window = role, median_window
+        self.errors: list[float] = []  # the last median_window val/error values
         self._buffers: list[dict] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        every, last = trainer.check_val_every_n_epoch, trainer.max_epochs
+        if trainer.enable_validation and every and last and last > 0 and last % every:
+            raise ValueError(f"max_epochs {last} is not a multiple of check_val_every_n_epoch {every}: the last "
+                             f"validation would be epoch {last - last % every}, not the last epoch, so val/error "
+                             f"'final' would not be the final model. Set --trainer.max_epochs "
+                             f"{last - last % every or every} or --trainer.check_val_every_n_epoch 1")
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._buffers = []
@@ -181,5 +243,17 @@ class ClassificationEvaluator(Scoreboard):
                              f"{sorted(self._buffers[0]) if self._buffers else 'no outputs'}); use a "
                              "classifier module such as lightning_modules.semi.SemiSupervised")
         scores, count = self.score(pl_module)
+        if self.median_window and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.errors = [*self.errors, scores["val/error"]][-self.median_window:]
+            median = median_of_last(self.errors, self.median_window)
+            if median is not None:
+                scores[f"val/error_median{self.median_window}"] = median
         role_index = trainer.datamodule.eval_roles.index(self.role)
         self.record(trainer, pl_module, lambda: scores, count == len(trainer.val_dataloaders[role_index].dataset))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "errors": self.errors}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.errors = list(state_dict.get("errors", []))  # checkpoints from before median_window have none

@@ -182,6 +182,50 @@ def nmi_from_labels(
     )
 
 
+NMI_AVERAGES = ("arithmetic", "geometric")  # the lifted-struct formula; ISIF-era sklearn
+
+
+def kmeans_clusters(
+    emb: Tensor,
+    targets: Tensor,
+    seed: int = 0,
+    restarts: int = 10,
+    backend: Backend = "auto",
+    iterations: int = 50,
+) -> Tensor:
+    """Cluster id per row: k-means on the embeddings with as many clusters as distinct targets.
+
+    ``restarts=10`` matches the ISIF-era sklearn default (n_init=10); ISIF's SOP "fast" mode used 1.
+    """
+    _check_pair("emb", emb, targets)
+    return kmeans(
+        emb,
+        int(torch.unique(targets).numel()),
+        seed=seed,
+        restarts=restarts,
+        iterations=iterations,
+        backend=backend,
+    )
+
+
+def nmi_scores(
+    emb: Tensor,
+    targets: Tensor,
+    seed: int = 0,
+    restarts: int = 10,
+    averages: Sequence[str] = NMI_AVERAGES,
+    backend: Backend = "auto",
+    iterations: int = 50,
+) -> dict[str, float]:
+    """{normalisation: NMI x 100} from ONE k-means clustering, so the normalisations differ only by
+    the formula (papers print either; a second clustering would add k-means noise to the gap)."""
+    unknown = [a for a in averages if a not in NMI_AVERAGES]
+    if unknown:
+        raise ValueError(f"NMI normalisation {unknown[0]!r}: use one of {NMI_AVERAGES}")
+    clusters = kmeans_clusters(emb, targets, seed=seed, restarts=restarts, backend=backend, iterations=iterations)
+    return {average: nmi_from_labels(targets, clusters, average) for average in averages}
+
+
 def nmi(
     emb: Tensor,
     targets: Tensor,
@@ -191,17 +235,7 @@ def nmi(
     backend: Backend = "auto",
     iterations: int = 50,
 ) -> float:
-    """NMI x 100 of k-means on the embeddings with as many clusters as distinct targets.
-
-    ``restarts=10`` matches the ISIF-era sklearn default (n_init=10); ISIF's SOP "fast" mode used 1.
-    """
-    _check_pair("emb", emb, targets)
-    clusters = kmeans(
-        emb,
-        int(torch.unique(targets).numel()),
-        seed=seed,
-        restarts=restarts,
-        iterations=iterations,
-        backend=backend,
-    )
-    return nmi_from_labels(targets, clusters, average_method)
+    """NMI x 100 of k-means on the embeddings with as many clusters as distinct targets (one normalisation)."""
+    scores = nmi_scores(emb, targets, seed=seed, restarts=restarts, averages=(average_method,), backend=backend,
+                        iterations=iterations)
+    return scores[average_method]

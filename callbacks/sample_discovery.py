@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from callbacks.features import extract_features
@@ -117,6 +117,16 @@ def select_per_class(scores: Tensor, labels: Tensor, count: int, num_classes: in
     return torch.cat(picks)
 
 
+def discovery_count(wanted: int, left: int, when: tuple[int, int]) -> int:
+    """N capped at the `left` unlabeled candidates: doubling outgrows a small pool (e.g. 5 labels x 40 classes
+    of 640 images run out at the third doubling); the cap is announced, not silent."""
+    if wanted > left:
+        rank_zero_warn(f"discovery (generation {when[0]}, iteration {when[1]}): {left} unlabeled images left, "
+                       f"fewer than the {wanted} asked for; adding {left}. Fewer iterations "
+                       "(model.init_args.curriculum.iterations) or a fixed num_discovered avoid it")
+    return min(wanted, left)
+
+
 # -- the callback --------------------------------------------------------------------------------------
 class ConfidentSampleDiscovery(L.Callback):
     """Snowball's confident sample discovery at every iteration start of `pl_module.curriculum`.
@@ -128,7 +138,8 @@ class ConfidentSampleDiscovery(L.Callback):
 
     feature_model: master | teacher | student (spec §3.4.1; the master by default).
     rule: min | max | random | min_then_max (MixMatch variant), over the candidates' scores.
-    num_discovered: images per discovery; None = the labeled set's size (the set doubles).
+    num_discovered: images per discovery; None = the labeled set's size (the set doubles). Capped at the
+      unlabeled images left (a warning says so); with none left the iteration trains on the set as it is.
     pool_factor: min_then_max's high-confidence pool, pool_factor x N.
     centers_from: "current" labeled set (original + this generation's discoveries) or "original" labels.
     normalize: L2-normalise the features first (off in the chapter).
@@ -212,14 +223,14 @@ class ConfidentSampleDiscovery(L.Callback):
         features, truth = self.features(trainer, pl_module)
         num_classes = pl_module.num_classes
         labels, scores = self.score(features, reference, reference_labels, candidates, generation, num_classes)
-        count = self.num_discovered or len(reference)
+        count = discovery_count(self.num_discovered or len(reference), len(candidates), (generation, iteration))
         seed = self.seed * 1_000_003 + generation * 1009 + iteration
         rule = {"rule": self.rule, "pool_factor": self.pool_factor, "generator": torch.Generator().manual_seed(seed)}
         picked = (select_per_class(scores, labels, count, num_classes, **rule) if self.per_class_quota
                   else select(scores, count, **rule)).cpu()
         chosen, chosen_labels = candidates[picked], labels.cpu()[picked]
         # computed from the same gathered features on every rank; rank 0's result is the one all apply
-        chosen, chosen_labels = (torch.as_tensor(x) for x in trainer.strategy.broadcast(
+        chosen, chosen_labels = (torch.as_tensor(x, dtype=torch.long) for x in trainer.strategy.broadcast(
             (chosen.tolist(), chosen_labels.tolist()), src=0))
         dm.add_labeled(chosen, chosen_labels)
         if self.fusion != "none":  # keep the features of the last fusion_window - 1 models for the next one

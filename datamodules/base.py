@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.samplers import EpochSampler, PKSampler, SubsetSampler
 from datamodules.transforms import MultiView, build_transform
 
-__all__ = ["DatasetSizeWarning", "EmbeddingDataModule", "EpochSampler", "ImageDataset", "MultiViewDataset",
-           "Records", "dataset_dir", "draw_labeled", "has_files", "load_image", "require_paths",
+__all__ = ["DatasetSizeError", "DatasetSizeWarning", "EmbeddingDataModule", "EpochSampler", "ImageDataset",
+           "MultiViewDataset", "Records", "dataset_dir", "draw_labeled", "has_files", "load_image", "require_paths",
            "sample_seed"]
 
 EVAL_ROLES = ("reference", "query", "gallery")
@@ -34,7 +34,12 @@ SAMPLERS = ("random", "pk")
 
 
 class DatasetSizeWarning(UserWarning):
-    """A split's image count differs from the published one (a partial or different copy of the data)."""
+    """A split's image count differs from the published one, and the user allowed it (allow_partial)."""
+
+
+class DatasetSizeError(ValueError):
+    """A split's image count differs from the published one (a partial or different copy of the data):
+    its results would not be comparable with the papers, so it fails unless allow_partial is set."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +69,17 @@ class Records:
         return Records(kept.items, np.searchsorted(classes, kept.targets))
 
 
+# Pillow identifies a file by its bytes, not its name: without this list an EPS renamed .jpg would be
+# handed to Ghostscript. These are the raster formats photo datasets ship in (decoders, no interpreters).
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP", "GIF")
+
+
 def load_image(item) -> Image.Image:
     """A PIL image from an in-memory uint8 array or a file; a broken file names its path."""
     if isinstance(item, np.ndarray):
         return Image.fromarray(item)
     try:
-        with Image.open(item) as img:
+        with Image.open(item, formats=IMAGE_FORMATS) as img:
             return img.convert("RGB")
     except (OSError, ValueError) as err:
         raise OSError(f"cannot read image {item!r} ({err}); delete or replace the file") from err
@@ -178,6 +188,7 @@ class MultiViewDataset(Dataset):
         self.records, self.views, self.seed = records, MultiView(transform, num_views), seed
         self.reveal_targets = reveal_targets
         self.partners = partners  # views after the first come from image partners[i] (NN positives)
+        self.extras: Callable[[int, int], dict] | None = None  # more fields per item (set_train_extras)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -194,7 +205,10 @@ class MultiViewDataset(Dataset):
             partner = load_image(self.records.items[self.partners[index]])
             views[1:] = seeded(self.views, partner, sample_seed(self.seed, self.epoch, index, draw + 1))[1:]
         target = int(self.records.targets[index]) if self.reveal_targets else HIDDEN
-        return {"views": views, "index": index, "target": target}
+        item = {"views": views, "index": index, "target": target}
+        if self.extras is not None:
+            item.update(self.extras(index, sample_seed(self.seed, self.epoch, index, draw + 2)))
+        return item
 
 
 class EmbeddingDataModule(L.LightningDataModule):
@@ -220,11 +234,19 @@ class EmbeddingDataModule(L.LightningDataModule):
         P = per-process batch / K) over true labels (supervised) or pseudo labels (`set_pseudo_labels`).
       labeled_batch_size: labeled images per step in "semi" (default batch_size); the labeled set is
         cycled to as many batches as the unlabeled loader has.
+      steps_per_epoch: "semi" steps per epoch (MixMatch's 1,024-step epoch), the unlabeled pool cycled to
+        it; None: one pass over the pool.
       unlabeled_includes_labeled: "semi" unlabeled pool = the whole train split (Mean-Teacher convention)
         instead of the images without a label (MixMatch convention).
       split_seed: seeds every random split the module draws (semi labeled set; digits/folder splits).
-      mean, std: override the dataset's normalisation (e.g. for a backbone trained with other statistics).
+        None: the run's seed (seed_everything), so one seed draws the split and the initialisation.
+      mean, std: override the dataset's normalisation for a from-scratch backbone; a pretrained backbone
+        sets its own (`set_input_normalization`), and a mean/std that contradicts it is an error.
       verify_images: decode every image file at setup and list all unreadable ones in one error.
+      allow_partial: run on a copy whose image counts differ from the published ones (a warning instead
+        of the DatasetSizeError; tiny test fixtures, subsets).
+      resize_size: the side the resizing presets resize to before cropping image_size (None: 256 at the
+        papers' 224/227, else round(image_size * 256 / 224); see datamodules/transforms.py).
     """
 
     name: str = "dataset"
@@ -253,10 +275,13 @@ class EmbeddingDataModule(L.LightningDataModule):
         labels_per_class: int = 25,
         labeled_batch_size: int | None = None,
         unlabeled_includes_labeled: bool = False,
-        split_seed: int = 0,
+        split_seed: int | None = 0,
+        steps_per_epoch: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         verify_images: bool = False,
+        allow_partial: bool = False,
+        resize_size: int | None = None,
     ):
         super().__init__()
         if protocol not in self.protocols:
@@ -272,16 +297,25 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.supervised, self.sampler, self.samples_per_class = supervised, sampler, samples_per_class
         self.labels_per_class, self.labeled_batch_size = labels_per_class, labeled_batch_size or batch_size
         self.unlabeled_includes_labeled, self.split_seed = unlabeled_includes_labeled, split_seed
-        self.verify_images = verify_images
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch {steps_per_epoch}: use a positive count, or None for one pass")
+        self.steps_per_epoch = steps_per_epoch
+        self.verify_images, self.allow_partial = verify_images, allow_partial
         if mean is not None or std is not None:
             self.mean = tuple(mean) if mean is not None else self.mean
             self.std = tuple(std) if std is not None else self.std
-        self.train_transform = build_transform(train_transform, image_size, self.mean, self.std, drop_ops)
-        self.eval_transform = build_transform(eval_transform, image_size, self.mean, self.std)
+        self._requested_normalization = (mean, std)  # what the user passed, checked against a backbone's
+        self._transform_args = (train_transform, eval_transform, image_size, tuple(drop_ops))
+        self.image_size = image_size
+        self.resize_size = resize_size
+        self.train_transform = build_transform(train_transform, image_size, self.mean, self.std, drop_ops,
+                                               resize=resize_size)
+        self.eval_transform = build_transform(eval_transform, image_size, self.mean, self.std, resize=resize_size)
         self.splits: dict[str, Records] | None = None
         self.pseudo_labels: np.ndarray | None = None
         self._pk_sampler: PKSampler | None = None
         self.positive_partners: np.ndarray | None = None
+        self.train_extras: Callable[[int, int], dict] | None = None
         self._train_set: MultiViewDataset | None = None
         self._original_labeled: np.ndarray | None = None
         self._label_table: np.ndarray | None = None  # semi: label per train image, -1 = unlabeled
@@ -294,8 +328,10 @@ class EmbeddingDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
+        if self.split_seed is None:  # set by seed_everything (LightningCLI's seed_everything), else 0
+            self.split_seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
         records = self.read_records()
-        self.warn_on_counts(records)
+        self.check_counts(records)
         splits = self.protocol_splits(records)
         for role, split in splits.items():
             if len(split) == 0:
@@ -323,17 +359,22 @@ class EmbeddingDataModule(L.LightningDataModule):
         """Published image count per reader split, for the variant configured (default: the class's)."""
         return self.published_counts
 
-    def warn_on_counts(self, records: dict[str, Records]) -> None:
-        """Warn (not fail: test fixtures are tiny) when a split's size differs from the published one."""
+    def check_counts(self, records: dict[str, Records]) -> None:
+        """Fail (DatasetSizeError) when a split's size differs from the published one; only warn
+        (DatasetSizeWarning) when allow_partial is set."""
         lines = []
         for split, expected in self.expected_counts().items():
             count = len(records[split]) if split in records else expected
             if count != expected:
                 lines.append(f"{self.name} {split}: {count:,} images, published {expected:,} "
                              f"({abs(count - expected):,} {'fewer' if count < expected else 'more'})")
-        if lines:
-            rank_zero_warn("; ".join(lines) + f". Results on a partial copy under {self.root!r} are not "
-                           "comparable with the papers.", category=DatasetSizeWarning)
+        if not lines:
+            return
+        problem = "; ".join(lines) + f". Results on this copy ({self.root!r}) are not comparable with the papers"
+        if not self.allow_partial:
+            raise DatasetSizeError(f"{problem}: point --data.root at the complete dataset, or pass "
+                                   "--data.allow_partial=true to run on this copy anyway (a warning instead).")
+        rank_zero_warn(problem + " (--data.allow_partial=true).", category=DatasetSizeWarning)
 
     def check_images(self, splits: dict[str, Records]) -> None:
         """Decode every image file once, so a broken download fails now with the full list of bad files."""
@@ -355,6 +396,21 @@ class EmbeddingDataModule(L.LightningDataModule):
     def num_classes(self) -> dict[str, int]:
         self.setup()
         return {role: len(np.unique(r.targets[r.targets >= 0])) for role, r in self.splits.items()}
+
+    def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The normalisation a pretrained backbone's weights expect replaces the dataset's statistics in the
+        train and eval transforms (EmbeddingModule.setup calls it before any loader is built). A mean or std
+        the user passed explicitly that differs is a contradiction, so it fails instead of being ignored."""
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        for flag, asked, wanted in zip(("mean", "std"), self._requested_normalization, (mean, std)):
+            if asked is not None and not np.allclose(asked, wanted, rtol=0, atol=1e-6):
+                raise ValueError(f"--data.{flag}={list(asked)} contradicts the pretrained backbone, whose weights "
+                                 f"expect mean {list(mean)}, std {list(std)} (set by the backbone itself); drop "
+                                 "--data.mean / --data.std (and the config's mean:/std: lines)")
+        self.mean, self.std = mean, std
+        train, evaluation, size, drop_ops = self._transform_args
+        self.train_transform = build_transform(train, size, mean, std, drop_ops, resize=self.resize_size)
+        self.eval_transform = build_transform(evaluation, size, mean, std, resize=self.resize_size)
 
     # -- pseudo labels (P x K sampling) ------------------------------------------------------------
     def set_pseudo_labels(self, labels) -> None:
@@ -392,6 +448,13 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.positive_partners = partners
         if self._train_set is not None:
             self._train_set.partners = partners
+
+    def set_train_extras(self, extras: Callable[[int, int], dict] | None) -> None:
+        """extras(index, seed) -> fixed-shape fields added to every training item (TAC-CCL's offline
+        cross-pair crops). Applies from the next epoch's iterator on (call it in on_fit_start)."""
+        self.train_extras = extras
+        if self._train_set is not None:
+            self._train_set.extras = extras
 
     # -- semi-supervised labeled set -------------------------------------------------------------
     def _require_semi(self) -> None:
@@ -505,6 +568,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         self._train_set = MultiViewDataset(self.splits["train"], self.train_transform, self.num_views,
                                            seed=self.seed, reveal_targets=self.supervised,
                                            partners=self.positive_partners)
+        self._train_set.extras = self.train_extras
         return self._train_set
 
     def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
@@ -526,13 +590,16 @@ class EmbeddingDataModule(L.LightningDataModule):
         return self._training_loader(dataset, sampler, per_rank, self.drop_last)
 
     def unlabeled_dataloader(self) -> DataLoader:
-        """Semi: the unlabeled pool, multi-view, targets hidden; one pass per epoch."""
+        """Semi: the unlabeled pool, multi-view, targets hidden; one pass per epoch, or cycled (a fresh
+        permutation per pass) to `steps_per_epoch` batches."""
         self._require_semi()
         dataset = MultiViewDataset(self.splits["train"], self.train_transform, self.num_views, seed=self.seed)
         world, rank = self._world()
-        sampler = SubsetSampler(dataset, self.unlabeled_indices, num_replicas=world, rank=rank,
-                                seed=self.seed)
-        return self._training_loader(dataset, sampler, self._per_rank(self.batch_size))
+        per_rank = self._per_rank(self.batch_size)
+        cycled = self.steps_per_epoch * per_rank if self.steps_per_epoch else None
+        sampler = SubsetSampler(dataset, self.unlabeled_indices, num_samples=cycled, num_replicas=world,
+                                rank=rank, seed=self.seed)
+        return self._training_loader(dataset, sampler, per_rank)
 
     def labeled_dataloader(self) -> DataLoader:
         """Semi: the current labeled set, multi-view, targets revealed, cycled to as many batches as the
@@ -544,7 +611,7 @@ class EmbeddingDataModule(L.LightningDataModule):
                                    reveal_targets=True)
         world, rank = self._world()
         per_rank = self._per_rank(self.labeled_batch_size)
-        steps = len(self.unlabeled_indices) // world // self._per_rank(self.batch_size)
+        steps = self.steps_per_epoch or len(self.unlabeled_indices) // world // self._per_rank(self.batch_size)
         sampler = SubsetSampler(dataset, self._current_labeled, num_samples=max(steps, 1) * per_rank,
                                 num_replicas=world, rank=rank, seed=self.seed + 1)
         return self._training_loader(dataset, sampler, per_rank)

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from scipy.io import loadmat
 
 from datamodules.base import Records, RetrievalDataModule, require_paths
+from datamodules.safe_io import load_mat
 
 CARS_URL = "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (cars_annos.mat and car_ims.tgz)"
 FILES = ("cars_annos.mat", "car_ims")
@@ -22,8 +22,13 @@ FILES = ("cars_annos.mat", "car_ims")
 
 def read_cars(root: Path) -> Records:
     """Every annotated image with its 0-based class (class - 1), in annotation order."""
-    annotations = np.atleast_1d(loadmat(root / "cars_annos.mat", squeeze_me=True)["annotations"])
-    paths = [str(root / str(path)) for path in annotations["relative_im_path"]]
+    path = root / "cars_annos.mat"
+    annotations = np.atleast_1d(load_mat(path, ("annotations",), squeeze_me=True)["annotations"])
+    missing = {"relative_im_path", "class"} - set(annotations.dtype.names or ())
+    if missing:
+        raise ValueError(f"{path}: `annotations` lacks the field(s) {sorted(missing)}; this is not the DML "
+                         f"cars_annos.mat (published at {CARS_URL})")
+    paths = [str(root / str(name)) for name in annotations["relative_im_path"]]
     return Records(paths, annotations["class"].astype(np.int64) - 1)
 
 

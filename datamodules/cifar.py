@@ -10,7 +10,6 @@ Protocols: seen (ISIF, UMM, EIR: unsupervised on the 50K train images, kNN refer
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,16 +18,25 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 
 from datamodules.base import EmbeddingDataModule, Records, dataset_dir, has_files
+from datamodules.safe_io import load_data_pickle
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
 def read_cifar_file(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 32, 32, 3) uint8, labels (N,) int64) from one pickled CIFAR batch."""
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
-    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), np.asarray(batch[label_key], dtype=np.int64)
+    """(images (N, 32, 32, 3) uint8, labels (N,) int64) from one pickled CIFAR batch, unpickled without
+    running code (the file may come from anywhere); a malformed batch names its file."""
+    batch = load_data_pickle(path)
+    try:
+        data, labels = np.asarray(batch["data"]), np.asarray(batch[label_key], dtype=np.int64)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+            raise ValueError(f"data {data.dtype} {data.shape} with {len(labels)} labels, expected uint8 "
+                             "(N, 3072) with N labels")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a CIFAR batch ({err!r}); replace it with the file from the official "
+                         "archive (or pass --data.download true into an empty root)") from err
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
 
 
 class CIFAR10DataModule(EmbeddingDataModule):

@@ -11,22 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
-
 from datamodules.base import Records, RetrievalDataModule, dataset_dir
+from datamodules.safe_io import int_column, read_rows
 
 CUB_URL = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
 FILES = ("images.txt", "image_class_labels.txt", "images")
 
 
 def read_id_table(path: Path) -> dict[int, str]:
-    """{id: rest of the line} from a CUB `<id> <value>` text file."""
-    table = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            key, value = line.split(maxsplit=1)
-            table[int(key)] = value.strip()
-    return table
+    """{id: rest of the line} from a CUB `<id> <value>` text file; a malformed line names the file."""
+    rows = read_rows(path, columns=2, maxsplit=1)
+    ids = int_column(path, [row[0] for row in rows], "image id")
+    return {int(key): row[1].strip() for key, row in zip(ids, rows)}
 
 
 def read_cub(folder: Path) -> Records:
@@ -36,7 +32,8 @@ def read_cub(folder: Path) -> Records:
         raise ValueError(f"{folder}: images.txt and image_class_labels.txt list different image ids")
     ids = sorted(names)
     paths = [str(folder / "images" / names[i]) for i in ids]
-    return Records(paths, np.array([int(classes[i]) - 1 for i in ids]))
+    labels = folder / "image_class_labels.txt"
+    return Records(paths, int_column(labels, [classes[i] for i in ids], "class id") - 1)
 
 
 class CUBDataModule(RetrievalDataModule):

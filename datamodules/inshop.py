@@ -16,6 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from datamodules.base import Records, RetrievalDataModule, require_paths
+from datamodules.safe_io import read_rows
 
 INSHOP_URL = "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"
 PARTITION = "Eval/list_eval_partition.txt"
@@ -34,11 +35,11 @@ def image_base(root: Path) -> Path:
 
 def read_partition(root: Path) -> dict[str, Records]:
     """{"train", "query", "gallery"} with item ids numbered from 0 (query and gallery numbered together)."""
-    lines = [line.split() for line in (root / PARTITION).read_text().splitlines() if line.strip()]
-    if len(lines) < 2 or lines[1] != HEADER:
+    lines = read_rows(root / PARTITION, columns=len(HEADER), skip=1)  # line 1: the image count
+    if not lines or lines[0] != HEADER:
         raise ValueError(f"{root / PARTITION}: line 2 must be the header {' '.join(HEADER)!r}")
     base = image_base(root)
-    rows = {status: [row for row in lines[2:] if row[2] == status] for status in STATUSES}
+    rows = {status: [row for row in lines[1:] if row[2] == status] for status in STATUSES}
 
     def records(status_rows: list[list[str]], items: list[str]) -> Records:
         index = {item: i for i, item in enumerate(items)}

@@ -14,6 +14,7 @@ from typing import ClassVar
 import numpy as np
 
 from datamodules.base import Records, RetrievalDataModule, dataset_dir
+from datamodules.safe_io import int_column, read_rows
 
 SOP_URL = "https://cvgl.stanford.edu/projects/lifted_struct/"
 FILES = ("Ebay_train.txt", "Ebay_test.txt")
@@ -22,11 +23,11 @@ HEADER = ["image_id", "class_id", "super_class_id", "path"]
 
 def read_ebay_list(folder: Path, name: str) -> Records:
     """Image paths and class ids from one Ebay_*.txt list, relabelled 0..(classes in the list - 1)."""
-    lines = [line.split() for line in (folder / name).read_text().splitlines() if line.strip()]
+    lines = read_rows(folder / name, columns=len(HEADER))
     if not lines or lines[0] != HEADER:
         raise ValueError(f"{folder / name}: first line must be the header {' '.join(HEADER)!r}")
     paths = [str(folder / row[3]) for row in lines[1:]]
-    classes = np.array([int(row[1]) for row in lines[1:]], dtype=np.int64)
+    classes = int_column(folder / name, [row[1] for row in lines[1:]], "class_id")
     return Records(paths, classes).by_class(np.unique(classes))
 
 

@@ -33,7 +33,19 @@ def read_stl_images(path: Path) -> np.ndarray:
 
 def read_stl_labels(path: Path) -> np.ndarray:
     """0-based int64 labels from an STL-10 label file (stored 1..10)."""
-    return np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1
+    labels = np.fromfile(path, dtype=np.uint8).astype(np.int64)
+    if labels.size and not 1 <= labels.min() <= labels.max() <= 10:
+        raise ValueError(f"{path}: labels {labels.min()}..{labels.max()}, expected 1..10; download it again")
+    return labels - 1
+
+
+def read_stl_split(folder: Path, split: str) -> Records:
+    """The `split` ("train" / "test") images and labels; files of different lengths are named."""
+    images, labels = read_stl_images(folder / f"{split}_X.bin"), read_stl_labels(folder / f"{split}_y.bin")
+    if len(images) != len(labels):
+        raise ValueError(f"{folder / f'{split}_X.bin'} holds {len(images)} images but {folder / f'{split}_y.bin'} "
+                         f"{len(labels)} labels; download the dataset again")
+    return Records(images, labels)
 
 
 class STL10DataModule(EmbeddingDataModule):
@@ -75,8 +87,7 @@ class STL10DataModule(EmbeddingDataModule):
         self.prepare_data()
         folder = dataset_dir(self.name, self.root, STL10.base_folder, self._files(), STL10_URL,
                              hint="; or pass --data.download true to fetch it with torchvision")
-        labeled = Records(read_stl_images(folder / "train_X.bin"), read_stl_labels(folder / "train_y.bin"))
-        test = Records(read_stl_images(folder / "test_X.bin"), read_stl_labels(folder / "test_y.bin"))
+        labeled, test = read_stl_split(folder, "train"), read_stl_split(folder, "test")
         train = labeled
         if self.train_split == "train+unlabeled":
             unlabeled = read_stl_images(folder / "unlabeled_X.bin")

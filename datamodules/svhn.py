@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from scipy.io import loadmat
 from torchvision.datasets import SVHN
 from torchvision.datasets.utils import download_url
 
 from datamodules.base import EmbeddingDataModule, Records, has_files, require_paths
+from datamodules.safe_io import load_mat
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 SPLITS = ("train", "test")
@@ -23,7 +23,10 @@ SPLITS = ("train", "test")
 
 def read_svhn_file(path: Path) -> Records:
     """(N, 32, 32, 3) uint8 images and 0-based digit labels (10 -> 0) from one SVHN .mat file."""
-    mat = loadmat(path)
+    mat = load_mat(path, ("X", "y"))
+    if mat["X"].ndim != 4 or mat["X"].shape[:3] != (32, 32, 3) or mat["y"].size != mat["X"].shape[3]:
+        raise ValueError(f"{path}: X {mat['X'].shape} and y {mat['y'].shape}, expected (32, 32, 3, N) and "
+                         "(N, 1); replace it with the file from the official download")
     images = np.ascontiguousarray(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 0, 1, 2))
     labels = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10
     return Records(images, labels)

@@ -1,21 +1,39 @@
 """LightningCLI entry point: `python -m experiments.train fit --config ...` (what `make train` runs).
 
 Adds to Lightning's CLI: the evaluator as the `evaluation:` config group, a `run:` group (run directory,
-logger), a last.ckpt every epoch, the resolved config and `final_metrics.json` in the run directory,
-and the initial-vs-final metrics table printed at the end.
+logger), a last.ckpt every epoch written so that no failure or kill can cost the previous one, the
+resolved config and `final_metrics.json` in the run directory, the initial-vs-final metrics table printed
+at the end, resumes on which the command line's settings win and the history continues, and errors that
+end in what to change (closest valid keys for a misspelt one, the flag for a failed weights download).
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
+import difflib
+import inspect
 import json
 import netrc
 import os
+import re
+import sys
+import tempfile
 import time
+import traceback
+import typing
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+import torch
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.evaluation import ClassificationEvaluator, EmbeddingEvaluator
@@ -23,8 +41,10 @@ from datamodules.base import EmbeddingDataModule
 from lightning_modules.base import EmbeddingModule
 
 RUN_DIR_ENV = "SUITE_RUN_DIR"  # shared with the processes a DDP launch starts, so all ranks agree
+WANDB_ID_FILE = "wandb_id"  # in the run directory: a resumed run continues the same W&B run
 
 
+# -- run directory and checkpoints ---------------------------------------------------------------
 def wandb_logged_in() -> bool:
     """True when W&B has credentials (WANDB_API_KEY or a netrc entry for its host)."""
     if os.environ.get("WANDB_API_KEY"):
@@ -40,22 +60,296 @@ def default_run_dir(model: str, data: str) -> str:
     return f"runs/{model.lower()}-{data.lower().removesuffix('datamodule')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def build_logger(kind: str, run_dir: str, project: str, name: str):
-    if kind == "wandb":
-        # Offline unless the user is logged in (or set WANDB_MODE): `wandb sync <run_dir>/wandb/...` uploads.
-        offline = os.environ.get("WANDB_MODE", "online" if wandb_logged_in() else "offline") == "offline"
-        return WandbLogger(project=project, name=name, save_dir=run_dir, offline=offline)
-    if kind == "csv":
-        return CSVLogger(save_dir=run_dir, name="csv", version="")
-    if kind == "none":
-        return False
-    raise ValueError(f"run.logger {kind!r}: use wandb, csv or none")
+def ensure_writable(run_dir: str | Path) -> None:
+    """Create the run directory and its checkpoints/ and prove both take a file, before any training:
+    a run that cannot keep its checkpoint must not start."""
+    for folder in (Path(run_dir), Path(run_dir, "checkpoints")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise OSError(f"cannot write the run's files to {folder} ({err.strerror or err}); "
+                          "pass a writable --run.dir") from err
+
+
+def atomic_write(path: str | Path, write: typing.Callable[[typing.BinaryIO], None]) -> None:
+    """`write` into a temporary file in `path`'s folder, fsync, then os.replace: a reader (or a kill at
+    any moment) sees the old file or the new one, never a partial one. Every error propagates."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's TorchCheckpointIO with a same-folder atomic save. Lightning's own atomic save stages
+    through fsspec's temp directory (another filesystem: the final move is a copy a kill can cut short)
+    and swallows PermissionError, so a run could end green without its checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        try:
+            atomic_write(path, lambda f: torch.save(checkpoint, f))
+        except OSError as err:
+            raise OSError(f"could not write checkpoint {path} ({err.strerror or err}); the previous one is "
+                          "untouched. Free space or pass a writable --run.dir") from err
+        for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
 
 
 def last_checkpoint(dirpath: str) -> ModelCheckpoint:
     """`last.ckpt`, overwritten at the end of every epoch (no monitor: never selected on the test split)."""
     return ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
+
+
+# -- loggers -------------------------------------------------------------------------------------
+class _AppendingWriter(ExperimentWriter):
+    """Keeps an existing metrics.csv (Lightning's writer deletes it) and continues under its header."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """CSVLogger for a resumed run: the epochs logged before the interruption stay in metrics.csv and
+    the resumed ones are appended (a column that appears later is added to the old rows, empty)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def wandb_run_id(run_dir: str, resume: bool) -> str:
+    """The W&B run id of this run directory: WANDB_RUN_ID where W&B's own tools set it (a sweep agent
+    names its trial's run so), else the stored one on resume, else a new one; stored by rank 0."""
+    stored = Path(run_dir, WANDB_ID_FILE)
+    if os.environ.get("WANDB_RUN_ID"):
+        run_id = os.environ["WANDB_RUN_ID"]
+    elif resume and stored.is_file() and stored.read_text().strip():
+        return stored.read_text().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+    if rank_zero_only.rank == 0:
+        stored.write_text(run_id + "\n")
+    return run_id
+
+
+def build_logger(kind: str, run_dir: str, project: str, name: str, resume: bool = False):
+    if kind == "wandb":
+        # Offline unless the user is logged in (or set WANDB_MODE): `wandb sync <run_dir>/wandb/...` uploads.
+        offline = os.environ.get("WANDB_MODE", "online" if wandb_logged_in() else "offline") == "offline"
+        return WandbLogger(project=project, name=name, save_dir=run_dir, offline=offline,
+                           id=wandb_run_id(run_dir, resume), resume="allow")
+    if kind == "csv":
+        return (AppendingCSVLogger if resume else CSVLogger)(save_dir=run_dir, name="csv", version="")
+    if kind == "none":
+        return False
+    raise ValueError(f"run.logger {kind!r}: use wandb, csv or none")
+
+
+# -- resume: the command line wins ---------------------------------------------------------------
+def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested hyperparameters (dicts, dataclasses) as {"optim.lr": 0.03, ...}."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(flat_settings(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: list(value) if isinstance(value, tuple) else value}  # YAML gives lists, code tuples
+
+
+def setting_changes(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every setting that differs."""
+    old, new = flat_settings(saved), flat_settings(current)
+    missing = "<unset>"
+    return [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
+            if k and old.get(k, missing) != new.get(k, missing)]
+
+
+def resumed_param_groups(saved: list[dict], fresh: list[dict]) -> list[dict]:
+    """The hyperparameters of each restored param group with this run's settings. The lr keeps the
+    schedule's position: it is this run's initial lr times the checkpoint's lr / initial_lr (exactly the
+    checkpoint's lr when the initial lr did not change, so an unchanged resume continues bit for bit)."""
+    if len(saved) != len(fresh):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this run's "
+                         f"{len(fresh)}: resume with the checkpoint's lr_mult / decay_norm_and_bias")
+    groups = []
+    for old, new in zip(saved, fresh):
+        group = {k: v for k, v in new.items() if k != "params"}
+        if "initial_lr" in old and "initial_lr" in new:
+            same = old["initial_lr"] == new["initial_lr"]
+            factor = old["lr"] / old["initial_lr"] if old["initial_lr"] else 1.0
+            group["lr"] = old["lr"] if same else new["initial_lr"] * factor
+        groups.append(group)
+    return groups
+
+
+class CommandLineWinsOnResume(Callback):
+    """On resume Lightning restores the optimizer's param groups (lr, momentum, weight decay) and the
+    scheduler's base lrs from the checkpoint, over what the user passed. This puts the user's back after
+    the restore, and prints which settings differ from the checkpoint's hyperparameters."""
+
+    def __init__(self) -> None:
+        self._fresh: list[tuple[list[dict], list[list[float]]]] = []
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        changes = [(f"model.{k}", old, new) for k, old, new in
+                   setting_changes(checkpoint.get("hyper_parameters", {}), pl_module.hparams)]
+        dm = trainer.datamodule
+        if "datamodule_hyper_parameters" in checkpoint and dm is not None:
+            changes += [(f"data.{k}", old, new) for k, old, new in
+                        setting_changes(checkpoint["datamodule_hyper_parameters"], dm.hparams)]
+        if changes and trainer.is_global_zero:
+            print("resuming with settings that differ from the checkpoint's (this run's win):\n"
+                  + "\n".join(f"  {k}: {old!r} -> {new!r}" for k, old, new in changes))
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # optimizers built, checkpoint not yet restored
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+        self._fresh = [([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                        [list(getattr(s, "base_lrs", [])) for s in schedulers if s.optimizer is opt])
+                       for opt in trainer.optimizers]
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after the optimizer / scheduler restore
+        if trainer.ckpt_path is None:
+            return
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+        for opt, (groups, base_lrs) in zip(trainer.optimizers, self._fresh):
+            for group, settings in zip(opt.param_groups, resumed_param_groups(opt.param_groups, groups)):
+                group.update(settings)
+            for scheduler, base in zip([s for s in schedulers if s.optimizer is opt], base_lrs):
+                if hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs = list(base)
+                    scheduler._last_lr = [g["lr"] for g in opt.param_groups]  # what get_last_lr() reports
+
+
+# -- error messages ------------------------------------------------------------------------------
+def init_keys(cls: type) -> list[str]:
+    """Every key a class accepts (`--model.<key>`): its __init__ parameters, followed through **kwargs
+    into the bases as jsonargparse does, with dataclass-typed parameters expanded to their fields."""
+    keys: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        try:
+            hints = typing.get_type_hints(klass.__init__)
+        except (NameError, TypeError):  # unresolvable annotations: names, no dataclass expansion
+            hints = {}
+        params = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        for p in params:
+            if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in keys:
+                continue
+            keys.append(p.name)
+            keys += [f"{p.name}.{k}" for k in _dataclass_keys(hints.get(p.name))]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return keys
+
+
+def _dataclass_keys(hint: Any) -> list[str]:
+    for t in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(t) and isinstance(t, type):
+            return [f.name for f in dataclasses.fields(t)]
+    return []
+
+
+def _import(class_path: str) -> type | None:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def closest_keys(key: str, valid: list[str]) -> list[str]:
+    """The valid keys nearest to `key` among its siblings (same dotted parent): `optim.lrr` -> `optim.lr`,
+    not every key that shares the long `optim.` prefix."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = {v.rpartition(".")[2]: v for v in valid if v.rpartition(".")[0] == parent}
+    return [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=3, cutoff=0.8)]
+
+
+def misspelt_key_hint(message: str, options: list[str]) -> str | None:
+    """The closest valid keys for the key a jsonargparse error rejects: a class's init key (model, data:
+    'Option ... is not accepted' under its class_path), or an unrecognized top-level flag."""
+    unknown = re.search(r"Option '([\w.]+)' is not accepted", message)
+    if unknown:
+        before = message[: unknown.start()]
+        groups = re.findall(r'Parser key "([\w.]+)"', before)
+        class_path = re.search(r"Problem with given class_path '([\w.]+)'", before)
+        cls = _import(class_path.group(1)) if class_path else None
+        if not groups or cls is None:
+            return None
+        key = ".".join([*groups[1:], unknown.group(1)])
+        valid = init_keys(cls)
+        close = closest_keys(key, valid)
+        flag = f"--{groups[0]}.{key}"
+        guess = (f"did you mean {' or '.join(f'--{groups[0]}.{k}' for k in close)}?" if close
+                 else f"valid keys: {', '.join(valid)}")
+        return f"{flag} is not a key of {cls.__name__}; {guess}"
+    unrecognized = re.search(r"unrecognized arguments: (.*)", message)
+    if unrecognized:
+        hints = []
+        for arg in unrecognized.group(1).split():
+            flag = arg.split("=", 1)[0]
+            close = closest_keys(flag, options) if flag.startswith("--") else []
+            if close:
+                hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+        return "; ".join(hints) or None
+    return None
+
+
+class SuiteArgumentParser(LightningArgumentParser):
+    """Errors without the 60-line usage screen, a misspelt key's closest valid keys on the last line."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        hint = misspelt_key_hint(message, [s for a in self._actions for s in a.option_strings])
+        if not self.exit_on_error:
+            return super().error(f"{message}\n{hint}" if hint else message, ex)
+        sys.stderr.write(f"every option: python -m experiments.train fit --help\nerror: {message}\n"
+                         + (f"error: {hint}\n" if hint else ""))
+        self.exit(2)
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
+
+
+def instantiation_cause(err: BaseException) -> BaseException | None:
+    """The exception a class's __init__ raised, from under jsonargparse's "does not validate against any
+    of the Union subtypes" wrapper (which puts it 100+ lines above the last line)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if not _raised_in_jsonargparse(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def metrics_table(initial: dict, final: dict, best: dict) -> str:
@@ -71,7 +365,8 @@ def metrics_table(initial: dict, final: dict, best: dict) -> str:
 class SuiteCLI(LightningCLI):
     def __init__(self, **kwargs):
         super().__init__(EmbeddingModule, EmbeddingDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                         save_config_callback=None, auto_configure_optimizers=False, **kwargs)
+                         save_config_callback=None, auto_configure_optimizers=False,
+                         parser_class=SuiteArgumentParser, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(EmbeddingEvaluator, "evaluation")
@@ -83,6 +378,25 @@ class SuiteCLI(LightningCLI):
         parser.add_argument("--run.method", type=str, default="", help="METHOD name, for comparison tables")
         parser.add_argument("--run.dataset", type=str, default="", help="DATASET name, for comparison tables")
         parser.add_argument("--run.variant", type=str, default="", help="protocol variant, e.g. resnet18")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's CLI parses a checkpoint's hyperparameters over the command line before building the
+        model, so a resume with a lower lr ran with the old one. Here the command line wins; the settings
+        that differ are printed when the checkpoint loads (CommandLineWinsOnResume). A checkpoint file that
+        is not there is refused now, before the run directory is made."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        special = ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path)
+        if ckpt_path and not special and not Path(ckpt_path).is_file():
+            self.parser.error(f"--ckpt_path {ckpt_path}: no such file (a run's is <run dir>/checkpoints/last.ckpt)")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = instantiation_cause(err)
+            if cause is None or cause is err:
+                raise
+            raise cause.with_traceback(cause.__traceback__) from None
 
     @property
     def run_dir(self) -> str:
@@ -97,12 +411,19 @@ class SuiteCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = self.run_dir
+        ensure_writable(run_dir)
         name = cfg.run.name or Path(run_dir).name
-        callbacks = list(self._get(self.config_init, "trainer").get("callbacks") or [])
-        callbacks.append(last_checkpoint(f"{run_dir}/checkpoints"))
-        return super().instantiate_trainer(default_root_dir=run_dir, callbacks=callbacks,
-                                           logger=build_logger(cfg.run.logger, run_dir, cfg.run.project, name),
-                                           **kwargs)
+        trainer_cfg = self._get(self.config_init, "trainer")
+        callbacks = [*(trainer_cfg.get("callbacks") or []), last_checkpoint(f"{run_dir}/checkpoints"),
+                     CommandLineWinsOnResume()]
+        plugins = trainer_cfg.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        resume = bool(cfg.get("ckpt_path"))
+        logger = build_logger(cfg.run.logger, run_dir, cfg.run.project, name, resume=resume)
+        return super().instantiate_trainer(default_root_dir=run_dir, callbacks=callbacks, plugins=plugins,
+                                           logger=logger, **kwargs)
 
     @rank_zero_only
     def before_fit(self) -> None:

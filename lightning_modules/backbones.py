@@ -1,13 +1,15 @@
 """Backbone trunks: images -> pooled feature vector (B, D).
 
 `build_backbone` wraps every network in `Trunk`, which owns the frozen-BatchNorm option so that it
-survives the `train()` call Lightning makes every epoch. Pretrained weights come from a local file
-(`weights=`) because runs and tests have no internet; the download path (torchvision `DEFAULT` /
-timm hub) is only for users who have it.
+survives the `train()` call Lightning makes every epoch, and declares the input normalisation its
+pretrained weights expect (`input_mean` / `input_std`), which `EmbeddingModule.setup` hands to the
+datamodule: no config restates it. Pretrained weights come from a local file (`weights=`) because runs
+and tests have no internet; the download path (torchvision `DEFAULT` / timm hub) is only for users who
+have it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,39 +25,52 @@ WEIGHTS_HINT = ("pass weights=/path/to/file.pth (on the command line: --model.we
 _CLASSIFIER_ROOTS = ("fc", "classifier", "head")
 
 
-def freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """Fix every BatchNorm's running statistics and affine parameters.
+def freeze_batchnorm(module: nn.Module, affine: bool = False) -> nn.Module:
+    """Fix every BatchNorm's running statistics (eval mode); with `affine`, its weight and bias too.
 
     Fine-tuning a pretrained trunk on small, class-skewed batches would otherwise overwrite its
-    ImageNet statistics (the MS-loss / CBML / Proxy-Anchor `bn_freeze` convention).
+    ImageNet statistics (the MS-loss / CBML / Proxy-Anchor `bn_freeze` convention). The affine
+    parameters keep training by default, as the specs (TAC-CCL §2.2) and DESIGN.md have it.
     """
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(False)
+            if affine:
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(False)
     return module
 
 
 class Trunk(nn.Module):
     """A network mapping images to (B, out_dim) features.
 
-    With `frozen_bn`, BatchNorm is re-frozen after every `train(mode)` call, so the freeze persists
-    through the `model.train()` the training loop issues each epoch.
+    With `frozen_bn`, BatchNorm statistics are re-frozen after every `train(mode)` call, so the freeze
+    persists through the `model.train()` the training loop issues each epoch; `frozen_bn_affine` also
+    fixes the BN weight and bias (the stricter form some DML code uses).
+    `input_mean` / `input_std`: the normalisation the weights expect (per channel, applied to [0, 1]
+    pixels by the datamodule); None for from-scratch nets, whose inputs use the dataset's statistics.
     """
 
-    def __init__(self, net: nn.Module, out_dim: int, frozen_bn: bool = False) -> None:
+    def __init__(self, net: nn.Module, out_dim: int, frozen_bn: bool = False, frozen_bn_affine: bool = False,
+                 input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None) -> None:
         super().__init__()
+        if frozen_bn_affine and not frozen_bn:
+            raise ValueError("frozen_bn_affine=True freezes the BN affine parameters on top of frozen_bn; set "
+                             "frozen_bn=True too (--model.frozen_bn=true), or drop frozen_bn_affine")
+        if (input_mean is None) != (input_std is None):
+            raise ValueError("a trunk declares input_mean and input_std together, or neither")
         self.net = net
         self.out_dim = out_dim
-        self.frozen_bn = frozen_bn
+        self.frozen_bn, self.frozen_bn_affine = frozen_bn, frozen_bn_affine
+        self.input_mean = None if input_mean is None else tuple(float(m) for m in input_mean)
+        self.input_std = None if input_std is None else tuple(float(s) for s in input_std)
         if frozen_bn:
-            freeze_batchnorm(net)
+            freeze_batchnorm(net, affine=frozen_bn_affine)
 
     def train(self, mode: bool = True) -> Trunk:
         super().train(mode)
         if self.frozen_bn:
-            freeze_batchnorm(self.net)
+            freeze_batchnorm(self.net, affine=self.frozen_bn_affine)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -121,8 +136,9 @@ def _imagenet_resnet(arch: str, in_chans: int) -> tuple[nn.Module, int]:
 def _googlenet(in_chans: int) -> tuple[nn.Module, int]:
     """torchvision GoogLeNet (BN variant) up to pool5 (1024-d).
 
-    No aux heads and no `transform_input` (inputs use ImageNet mean/std like the other backbones);
-    the dropout before fc belongs to the ImageNet classifier, so it goes with it.
+    No aux heads; the dropout before fc belongs to the ImageNet classifier, so it goes with it.
+    `transform_input` stays off here (a from-scratch net sees the dataset's statistics); `build_backbone`
+    turns it on for pretrained weights, as torchvision's own pretrained construction does.
     """
     net = torchvision.models.googlenet(weights=None, aux_logits=False, transform_input=False,
                                        init_weights=True)
@@ -385,14 +401,43 @@ def _download_state_dict(name: str) -> dict[str, Any]:
                            f"without internet {WEIGHTS_HINT}") from err
 
 
+# -- input contract ------------------------------------------------------------------------------
+def pretrained_input(name: str, net: nn.Module, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) the published weights of backbone `name` expect, read from torchvision's weights
+    metadata or timm's `pretrained_cfg` (the owners of that fact); None for an architecture without
+    published weights (a user's own file: its inputs keep the dataset's statistics).
+
+    torchvision's GoogLeNet is switched to `transform_input=True` here: its weights were ported from TF
+    and expect (x - 0.5) / 0.5 inputs, which that flag makes of ImageNet-normalised ones."""
+    if name.startswith(TIMM_PREFIX):
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        if "mean" not in cfg or "std" not in cfg:
+            return None
+        mean, std = cfg["mean"], cfg["std"]
+    elif name in DOWNLOADABLE:
+        preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        mean, std = preset.mean, preset.std
+        if hasattr(net, "transform_input"):
+            net.transform_input = True
+    else:
+        return None
+    if len(mean) != in_chans:
+        raise ValueError(f"pretrained backbone {name!r} expects {len(mean)}-channel images, got in_chans={in_chans}; "
+                         f"use in_chans={len(mean)} (convert the images), or --model.pretrained=false")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
 # -- entry point ---------------------------------------------------------------------------------
 def build_backbone(name: str, pretrained: bool = False, weights: str | None = None,
-                   frozen_bn: bool = False, in_chans: int = 3) -> tuple[Trunk, int]:
+                   frozen_bn: bool = False, in_chans: int = 3,
+                   frozen_bn_affine: bool = False) -> tuple[Trunk, int]:
     """(trunk, D): a `Trunk` mapping (B, in_chans, H, W) images to (B, D) pooled features.
 
     `name` is one of cifar_resnet18, resnet18, resnet50, googlenet, small_cnn, convnet13,
     convnet13_mixmatch, shakeshake26, wrn28_2, wrn28_135, or `timm:<model>`.
-    `pretrained=True` loads `weights` (a local file) or, without it, downloads the published weights.
+    `pretrained=True` loads `weights` (a local file in the published weights' format) or, without it,
+    downloads the published weights; the trunk then declares the input normalisation they expect.
+    `frozen_bn` fixes the BN running statistics; `frozen_bn_affine` also its weight and bias.
     """
     if weights is not None and not pretrained:
         raise ValueError(f"weights={weights!r} given with pretrained=False; set pretrained=True to load it")
@@ -407,4 +452,5 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | None = No
         net, dim = _timm_net(name.removeprefix(TIMM_PREFIX), in_chans, download=pretrained and state is None)
     if state is not None:
         load_trunk_weights(net, state, source=f"{weights or 'the download'} (backbone {name!r})")
-    return Trunk(net, dim, frozen_bn), dim
+    mean, std = (pretrained_input(name, net, in_chans) if pretrained else None) or (None, None)
+    return Trunk(net, dim, frozen_bn, frozen_bn_affine, input_mean=mean, input_std=std), dim

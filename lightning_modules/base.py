@@ -7,10 +7,12 @@ non-finite-loss stop. A method overrides `training_step` only, and logs its term
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_modules.backbones import build_backbone
@@ -79,6 +81,17 @@ def build_optimizer(groups: list[dict], optim: Optim) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {optim.name!r}; use sgd, adam or adamw")
 
 
+def divergence_message(loss: float, epoch: int, step: int, checkpoint: str | None) -> str:
+    """The non-finite-loss stop; it offers a resume only from a checkpoint that exists."""
+    where = f"non-finite loss ({loss}) at epoch {epoch}, step {step}: the run stops here"
+    if checkpoint is None:
+        return (f"{where}. No checkpoint was written before it (a run saves at the end of each epoch): lower "
+                "the learning rate (--model.optim.lr) or check the inputs, and start again.")
+    return (f"{where} and the last good checkpoint is kept: {checkpoint}. Lower the learning rate and resume "
+            f"from it (--ckpt_path={checkpoint} --model.optim.lr=...; on resume the command line's settings "
+            "win), or check the inputs.")
+
+
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
     """target <- decay * target + (1 - decay) * source for parameters; buffers (BN statistics) copied."""
@@ -105,6 +118,7 @@ class EmbeddingModule(L.LightningModule):
         pretrained: bool = False,
         weights: str | None = None,
         frozen_bn: bool = False,
+        frozen_bn_affine: bool = False,
         optim: Optim | None = None,
         schedule: Schedule | None = None,
         ema_decay: float = 0.999,
@@ -114,7 +128,8 @@ class EmbeddingModule(L.LightningModule):
         self.optim = optim or Optim()
         self.schedule = schedule or Schedule()
         self.trunk, feature_dim = build_backbone(backbone, pretrained=pretrained, weights=weights,
-                                                 frozen_bn=frozen_bn, in_chans=in_chans)
+                                                 frozen_bn=frozen_bn, in_chans=in_chans,
+                                                 frozen_bn_affine=frozen_bn_affine)
         self.head = EmbeddingHead(feature_dim, embedding_dim)
 
     # -- embedding ------------------------------------------------------------------------------
@@ -158,15 +173,34 @@ class EmbeddingModule(L.LightningModule):
         return getattr(dm, "batch_size", None)
 
     # -- owned by the base ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Hand the datamodule the input normalisation the backbone's weights expect, before any loader
+        is built (Lightning calls this after the datamodule's setup, before callbacks or loops ask for a
+        loader); from-scratch backbones leave the dataset's statistics alone."""
+        if self.trunk.input_mean is None:
+            return
+        dm = self.trainer.datamodule
+        if hasattr(dm, "set_input_normalization"):
+            dm.set_input_normalization(self.trunk.input_mean, self.trunk.input_std)
+        else:
+            rank_zero_warn(f"the {self.hparams.backbone!r} weights expect inputs normalised with mean "
+                           f"{self.trunk.input_mean}, std {self.trunk.input_std}; pass a datamodule with "
+                           "set_input_normalization (an EmbeddingDataModule) so it is applied, or normalise "
+                           "your loaders' images with these values")
+
     def on_before_backward(self, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss.detach()).float()
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         if finite.item() < 1:
-            raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}: "
-                "the run stops here and the last good checkpoint (last.ckpt) is kept. Lower the learning "
-                "rate, check the inputs, or resume from last.ckpt with --ckpt_path.")
+            raise FloatingPointError(divergence_message(loss.item(), self.current_epoch, self.global_step,
+                                                        self._saved_checkpoint()))
+
+    def _saved_checkpoint(self) -> str | None:
+        """The newest checkpoint on disk this run can resume from (its own, else the one it resumed from)."""
+        paths = [cb.last_model_path or cb.best_model_path for cb in self.trainer.checkpoint_callbacks]
+        paths.append(self.trainer.ckpt_path)
+        return next((str(p) for p in paths if p and os.path.isfile(p)), None)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         for target, source in self.ema_pairs:

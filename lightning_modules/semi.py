@@ -3,9 +3,11 @@ Snowball (chapter 2) and LMCS (chapter 3) wrap, trained on the "semi" protocol's
 "unlabeled"} batches.
 
 Learners (`learner`):
-  mean_teacher  cross-entropy on the labeled rows + w(t) * softmax-MSE(student, teacher) on every row of
-                the batch; student and teacher see independently augmented views (views[0] / views[1]);
-                w(t) ramps up by MT's sigmoid over `rampup_steps`.
+  mean_teacher  cross-entropy summed over the labeled rows and divided by the whole batch (labeled +
+                unlabeled rows, as both MT codes do, which their lambda_max values assume) + w(t) *
+                softmax-MSE(student, teacher) on every row of the batch; student and teacher see
+                independently augmented views (views[0] / views[1]); w(t) ramps up by MT's sigmoid over
+                `rampup_steps`.
   mixmatch      MixMatch: label guess = sharpened mean prediction over the K = num_views unlabeled views,
                 per-sample MixUp over the shuffled union of labeled and unlabeled rows, soft cross-entropy
                 + w(t) * probability MSE; w(t) ramps up linearly. The teacher is the evaluation EMA.
@@ -64,6 +66,16 @@ def probability_mse(logits: Tensor, target_probs: Tensor) -> Tensor:
 
 
 @fp32
+def batch_cross_entropy(labeled_logits: Tensor, target: Tensor, batch_rows: int) -> Tensor:
+    """Mean Teacher's J_C: the labeled rows' cross-entropy summed and divided by the number of rows in the
+    whole batch (labeled + unlabeled), not by the labeled rows alone (MT-PyTorch: sum / minibatch_size;
+    MT-TF: the mean over a batch whose unlabeled rows cost 0)."""
+    if batch_rows < len(labeled_logits):
+        raise ValueError(f"batch_rows {batch_rows} < {len(labeled_logits)} labeled rows: pass the whole batch")
+    return F.cross_entropy(labeled_logits, target, reduction="sum") / batch_rows
+
+
+@fp32
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     """Cross-entropy against soft targets (MixMatch's L_X on mixed rows), mean over rows."""
     return -(target_probs.detach() * logits.log_softmax(dim=1)).sum(dim=1).mean()
@@ -115,7 +127,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 class SemiSupervised(EmbeddingModule):
     """Student (the base's trunk + a linear class head) and an EMA teacher, trained by `learner`.
 
-    num_classes: classes of the dataset.
+    num_classes: classes of the dataset; None (the default) takes them from the datamodule in `setup`, and a
+      given value must match the data's.
     learner: mean_teacher | mixmatch | supervised (module docstring).
     consistency_weight: MT's lambda_max or MixMatch's lambda_U (the unlabeled weight).
     rampup_steps: length of the consistency ramp-up (sigmoid for MT, linear for MixMatch) and of the
@@ -130,8 +143,8 @@ class SemiSupervised(EmbeddingModule):
     ema_pairs = (("teacher", "student"),)
     model_names: tuple[str, ...] = ("student", "teacher")
 
-    def __init__(self, num_classes: int = 10, learner: str = "mean_teacher", consistency_weight: float = 1.0,
-                 rampup_steps: int = 0, ema_decay_rampup: float = 0.99, two_heads: bool = False,
+    def __init__(self, num_classes: int | None = None, learner: str = "mean_teacher",
+                 consistency_weight: float = 1.0, rampup_steps: int = 0, ema_decay_rampup: float = 0.99, two_heads: bool = False,
                  logit_distance_cost: float = 0.01, sharpen_temperature: float = 0.5, mixup_alpha: float = 0.75,
                  report_model: str = "teacher", **kwargs):
         super().__init__(**kwargs)
@@ -139,13 +152,39 @@ class SemiSupervised(EmbeddingModule):
             raise ValueError(f"learner {learner!r}: use one of {', '.join(LEARNERS)}")
         if report_model not in self.model_names:
             raise ValueError(f"report_model {report_model!r}: use one of {', '.join(self.model_names)}")
-        self.num_classes, self.learner, self.consistency_weight = num_classes, learner, consistency_weight
+        self.learner, self.consistency_weight = learner, consistency_weight
         self.rampup_steps, self.ema_decay_rampup = rampup_steps, ema_decay_rampup
         self.logit_distance_cost, self.sharpen_temperature = logit_distance_cost, sharpen_temperature
-        self.mixup_alpha, self.report_model = mixup_alpha, report_model
-        self.head = nn.Linear(self.trunk.out_dim, num_classes)  # replaces the base's embedding head
-        self.consistency_head = nn.Linear(self.trunk.out_dim, num_classes) if two_heads else None
+        self.mixup_alpha, self.report_model, self.two_heads = mixup_alpha, report_model, two_heads
+        self.num_classes: int | None = None
+        self.head = self.consistency_head = None  # the base's embedding head goes; class heads come with C
+        if num_classes is not None:
+            self.build_models(num_classes)
+
+    def build_models(self, num_classes: int) -> None:
+        """The class head(s) and the EMA copies, once the class count is known (the constructor's, or the
+        datamodule's in `setup`)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.trunk.out_dim, num_classes)
+        self.consistency_head = nn.Linear(self.trunk.out_dim, num_classes) if self.two_heads else None
         self.teacher = frozen_copy(self.student)
+
+    def setup(self, stage: str) -> None:
+        """Before the optimizer and any checkpoint restore: build the heads for the data's class count, or
+        check the given one against it."""
+        super().setup(stage)
+        dm = self.trainer.datamodule
+        found = dm.num_classes["train"] if dm is not None else None
+        if self.num_classes is None:
+            if found is None:
+                raise ValueError(f"{type(self).__name__} takes its class count from the datamodule: fit with one, "
+                                 "or set --model.init_args.num_classes")
+            self.build_models(found)
+            self.hparams["num_classes"] = found  # saved in checkpoints, so load_from_checkpoint rebuilds the heads
+        elif found is not None and found != self.num_classes:
+            raise ValueError(f"the dataset has {found} training classes but model num_classes is "
+                             f"{self.num_classes}: drop --model.init_args.num_classes (it comes from the data) "
+                             f"or set it to {found}")
 
     @property
     def student(self) -> Classifier:
@@ -199,9 +238,6 @@ class SemiSupervised(EmbeddingModule):
         if self.learner != "supervised" and dm.num_views < 2:
             raise ValueError(f"learner {self.learner!r} needs two views per image (student/teacher, or "
                              "MixMatch's K = 2): set --data.init_args.num_views 2")
-        if dm.num_classes["train"] > self.num_classes:
-            raise ValueError(f"the dataset has {dm.num_classes['train']} classes: set --model.init_args."
-                             f"num_classes {dm.num_classes['train']}")
 
     def learner_terms(self, labeled: dict, unlabeled: dict) -> tuple[dict[str, Tensor], Tensor | None]:
         """The base learner's loss terms, and the student's consistency logits on the un-mixed student
@@ -224,7 +260,7 @@ class SemiSupervised(EmbeddingModule):
         with torch.no_grad():
             teacher_logits, _ = self.teacher(teacher_views)
         num_labeled = len(labeled["target"])
-        classification = F.cross_entropy(logits[:num_labeled].float(), labeled["target"])
+        classification = batch_cross_entropy(logits[:num_labeled], labeled["target"], len(logits))
         consistency = softmax_mse(consistency_logits, teacher_logits)
         weight = self.consistency_weight_at(self.global_step)
         terms = {"classification": classification, "consistency": consistency,

@@ -9,14 +9,15 @@ and tracks the teacher, so it starts as a copy of it, spec §3.5), then `generat
 iterations of `iteration_epochs` each. Before every iteration the `ConfidentSampleDiscovery` callback
 labels unlabeled images with the master's nearest class centre and doubles the labeled set; each
 generation restarts from the original labels. The lr schedule restarts with every phase and iteration
-(warm start, spec §3.5 REC); the consistency ramp-up and the teacher's decay switch are not re-run.
+(warm start, spec §3.5 REC) as a fresh ramp-down: its warm-up runs in phase 0 only, like the consistency
+ramp-up and the teacher's decay switch, which are not re-run either.
 
 With the MixMatch learner the teacher-student term of Eq. 2.7 is added too (MixMatch has none of its
 own), on the un-mixed views, once the master is on (spec §3.6).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -88,6 +89,9 @@ class Snowball(SemiSupervised):
             raise ValueError(f"master_consistency_on {master_consistency_on!r}: use one of {MASTER_ROWS}")
         self.master_decay, self.master_consistency_on = master_decay, master_consistency_on
         self.curriculum = curriculum or Curriculum()
+
+    def build_models(self, num_classes: int) -> None:
+        super().build_models(num_classes)
         self.master = frozen_copy(self.student)
 
     def master_active(self, epoch: int) -> bool:
@@ -99,9 +103,12 @@ class Snowball(SemiSupervised):
         return super().ema_decay_for(target)
 
     def lr_factor_at(self, epoch: int) -> float:
-        """The configured schedule run over each phase: phase 0, then every iteration afresh."""
+        """The configured schedule run over each phase: phase 0, then every iteration afresh, without its
+        warm-up (a warm-started iteration restarts the ramp-down only, spec §3.5)."""
         phase_epoch, length = self.curriculum.phase_epoch(epoch)
-        return lr_factor(phase_epoch, self.schedule, length)
+        in_phase0 = self.curriculum.position(epoch) is None
+        return lr_factor(phase_epoch, self.schedule if in_phase0 else replace(self.schedule, warmup_epochs=0),
+                         length)
 
     def configure_optimizers(self):
         """The base's optimizer; only the schedule's clock changes (restarts with every iteration)."""

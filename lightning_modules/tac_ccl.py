@@ -12,10 +12,13 @@ Table 4.4 rows from config: Baseline = ccl_weight 0, tac_weight 0, feature_weigh
 +TAC (the full method) = all weights 1. Self-TAC only: cross.probability 0; Eq. 4.6 as printed:
 cross.mode literal; no memory bank: memory_weight 0.
 
-Cross-image pairs (§4.3.4) without OpenCV: keypoints are the attention-grid cells, described by the
+Cross-image pairs (§4.3.4), in-batch option: keypoints are the attention-grid cells, described by the
 trunk's feature map; two images of one pseudo class in the batch are matched by mutual nearest
 neighbours and a RANSAC affine (confidence = inliers); the second branch then sees the partner's crop
-around its inliers, and the anchor's map, masked around the matched keypoints, is warped into it.
+around its inliers, and the anchor's map, masked around the matched keypoints, is warped into it. The
+dissertation's offline SIFT + RANSAC matching is `callbacks.cross_pairs` (mined once, cached on disk).
+Both views go through one forward (BatchNorm, where it trains, sees them as one batch); the loss terms run
+in fp32, and L_TAC averages self and cross pairs over the batch together.
 """
 from __future__ import annotations
 
@@ -81,6 +84,23 @@ def contrastive_clustering_loss(embedding: Tensor, centers: Tensor, assigned: Te
     own = dist.gather(1, assigned[:, None]).squeeze(1)
     other = dist.scatter(1, assigned[:, None], math.inf).amin(1)
     return (own / other).mean()
+
+
+FEATURE_LOSSES = ("squared", "norm")
+
+
+@fp32
+def feature_similarity_loss(anchor: Tensor, second: Tensor, form: str = "squared") -> Tensor:
+    """L_F over pairs of unit embeddings: mean ‖F − F'‖² (`squared`) or mean ‖F − F'‖ (`norm`, §4.3.1 as
+    printed). The plain norm's gradient has unit length however close the pair already is, so in the
+    narrow cone of a random init it outweighs the metric terms (whose gradients shrink with the angles)
+    and pulls the whole cloud together; the squared form's gradient, 2(F − F'), shrinks with the pair."""
+    difference = anchor - second
+    if form == "squared":
+        return difference.square().sum(1).mean()
+    if form == "norm":
+        return difference.norm(dim=1).mean()
+    raise ValueError(f"feature loss form {form!r}: use one of {', '.join(FEATURE_LOSSES)}")
 
 
 @fp32
@@ -344,6 +364,19 @@ def crop_homography(center: Tensor, half: Tensor) -> Tensor:
     return h
 
 
+def offline_view(view: SecondView, offline: dict) -> SecondView:
+    """The self-pair view with the batch's offline cross items swapped in: the partner's keypoint crop,
+    the crop-to-crop affine as T, and the matched keypoints for Γ and Γ' (callbacks.cross_pairs)."""
+    cross = offline["cross"].bool()
+    pick = cross[:, None, None]
+    affine = offline["cross_affine"].float()
+    bottom = torch.tensor([0.0, 0.0, 1.0], device=affine.device).expand(len(affine), 1, 3)
+    points = offline["cross_points"].float()
+    return SecondView(torch.where(pick[..., None], offline["cross_views"][:, 1], view.images),
+                      torch.where(pick, torch.cat([affine, bottom], 1), view.homography), cross,
+                      points[:, 0], points[:, 1], offline["cross_weights"].float())
+
+
 def affine_to_homography(affine: Tensor) -> Tensor:
     h = torch.eye(3, device=affine.device, dtype=affine.dtype).repeat(len(affine), 1, 1)
     h[:, :2, :] = affine.transpose(1, 2)
@@ -371,17 +404,13 @@ class CBAM(nn.Module):
 
 
 # -- module ------------------------------------------------------------------------------------------
-def mean_over(values: Tensor, chosen: Tensor) -> Tensor:
-    """Mean of the chosen entries; 0 (with gradient graph) when none is chosen."""
-    return (values * chosen).sum() / chosen.sum().clamp_min(1)
-
-
 class SecondView(NamedTuple):
     images: Tensor       # (B, C, H, W): the warped anchor (self) or the partner's crop (cross)
     homography: Tensor   # (B, 3, 3): second-view points -> anchor points
-    anchor_mask: Tensor  # (B, 1, h, w): Γ (ones for self pairs)
-    second_mask: Tensor  # (B, 1, h, w): Γ'
     cross: Tensor        # (B,) bool
+    anchor_points: Tensor | None = None  # (B, n, 2) matched keypoints, anchor frame (cross pairs)
+    second_points: Tensor | None = None  # (B, n, 2) the same keypoints in the second view's frame
+    weights: Tensor | None = None        # (B, n): 1 for a matched keypoint, 0 for padding
 
 
 class TACCCL(EmbeddingModule):
@@ -392,9 +421,14 @@ class TACCCL(EmbeddingModule):
     ccl_weight, ccl_positive: L_CC and its C+ (nearest | assigned).
     tac_weight, transforms, tac_upsample: L_TAC, the self-pair transform family, and bilinear
       upsampling of both maps before the comparison (1 = the raw grid).
-    feature_weight: L_F = mean ‖F − F'‖₂ over self and cross pairs.
+    feature_weight, feature_loss: L_F over self and cross pairs, mean ‖F − F'‖² (`squared`) or the text's
+      plain ‖F − F'‖ (`norm`), whose unit-length gradient collapses a random init (see
+      `feature_similarity_loss`).
     cross: cross-image pairs (`CrossPairs`); used when the second branch runs (tac or feature weight > 0).
     attention_reduction, attention_kernel: CBAM's r and spatial kernel.
+    center_features: BatchNorm without affine on the pooled features before the embedding layer. A random
+      trunk's pooled ReLU features share one mean direction, so from scratch every embedding starts in a
+      narrow cone where the MS gradients vanish; centring spreads them (configs/tac_ccl/digits.yaml).
     seed: with global_step and rank, seeds every draw of a step (transforms, RANSAC, cross choice), so a
       resumed run repeats them.
     """
@@ -403,11 +437,14 @@ class TACCCL(EmbeddingModule):
                  ms_margin: float = 0.1, memory_weight: float = 1.0, ccl_weight: float = 1.0,
                  ccl_positive: str = "nearest", tac_weight: float = 1.0,
                  transforms: TransformRanges | None = None, tac_upsample: int = 1,
-                 feature_weight: float = 1.0, cross: CrossPairs | None = None, attention_reduction: int = 16,
-                 attention_kernel: int = 7, seed: int = 0, **kwargs):
+                 feature_weight: float = 1.0, feature_loss: str = "squared", cross: CrossPairs | None = None,
+                 attention_reduction: int = 16, attention_kernel: int = 7, center_features: bool = False,
+                 seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if ccl_positive not in ("nearest", "assigned"):
             raise ValueError(f"ccl_positive {ccl_positive!r}: use nearest or assigned")
+        if feature_loss not in FEATURE_LOSSES:
+            raise ValueError(f"feature_loss {feature_loss!r}: use one of {', '.join(FEATURE_LOSSES)}")
         self.cross = cross or CrossPairs()
         if self.cross.mode not in ("aligned", "literal"):
             raise ValueError(f"cross.mode {self.cross.mode!r}: use aligned or literal")
@@ -416,9 +453,13 @@ class TACCCL(EmbeddingModule):
         self.ms = {"alpha": ms_alpha, "beta": ms_beta, "threshold": ms_threshold, "margin": ms_margin}
         self.memory_weight, self.ccl_weight, self.ccl_positive = memory_weight, ccl_weight, ccl_positive
         self.tac_weight, self.feature_weight, self.tac_upsample = tac_weight, feature_weight, tac_upsample
+        self.feature_loss = feature_loss
         self.transforms = transforms or TransformRanges()
         self.seed = seed
         self.attention = CBAM(self.trunk.out_dim, attention_reduction, attention_kernel)
+        # a random trunk's pooled ReLU features share one large mean direction: centring them spreads the
+        # embeddings out of the narrow cone where the MS gradients (which scale with the angles) vanish
+        self.center = nn.BatchNorm1d(self.trunk.out_dim, affine=False) if center_features else nn.Identity()
         nn.init.kaiming_normal_(self.head.linear.weight)  # spec §2.2 [R/G-code]
         nn.init.zeros_(self.head.linear.bias)
         self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -432,7 +473,7 @@ class TACCCL(EmbeddingModule):
         """(embedding, attention map M (B, 1, h, w), trunk feature map) of one forward."""
         fmap = self.trunk.feature_map(images)
         attended, attention = self.attention(fmap)
-        return self.head(attended.mean((2, 3))), attention, fmap
+        return self.head(self.center(attended.mean((2, 3)))), attention, fmap
 
     def forward(self, images: Tensor) -> Tensor:
         return self.attend(images)[0]
@@ -470,17 +511,23 @@ class TACCCL(EmbeddingModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 101 + rank)
 
-    def second_view(self, images: Tensor, fmap: Tensor, labels: Tensor, index: Tensor,
-                    generator: torch.Generator) -> SecondView:
-        """Self pairs: the anchor warped by a sampled T. Cross pairs (matched anchors, with probability
-        cross.probability): the partner's crop around its inliers, T = crop then affine to the anchor."""
-        b, size, device = len(images), fmap.shape[-2:], images.device
+    def second_view(self, images: Tensor, labels: Tensor, index: Tensor, generator: torch.Generator,
+                    offline: dict | None = None) -> SecondView:
+        """Self pairs: the anchor warped by a sampled T. Cross pairs: the batch's offline pairs where it
+        carries them (`callbacks.cross_pairs`), else in-batch matching (matched anchors, with probability
+        cross.probability): the partner's crop around its inliers, T = crop then affine to the anchor.
+        In-batch matching reads the trunk's cells through a gradient-free pass of the anchor batch."""
+        b, device = len(images), images.device
         homography = sample_homographies(b, self.transforms, generator).to(device)
-        ones = torch.ones(b, 1, *size, device=device)
         no_cross = torch.zeros(b, dtype=torch.bool, device=device)
-        view = SecondView(warp(images, homography, images.shape[-2:])[0], homography, ones, ones, no_cross)
+        view = SecondView(warp(images, homography, images.shape[-2:])[0], homography, no_cross)
+        if offline is not None:
+            return offline_view(view, offline)
         if self.cross.probability == 0:
             return view
+        with torch.no_grad():
+            fmap = self.trunk.feature_map(images)
+        size = fmap.shape[-2:]
         descriptors = F.normalize(fmap.float().flatten(2).transpose(1, 2), dim=-1)
         found = match_in_batch(descriptors, labels, index, size, self.cross, generator)
         drawn = torch.rand(b, generator=generator).to(device) < self.cross.probability
@@ -494,26 +541,32 @@ class TACCCL(EmbeddingModule):
         crop_images = warp(images[found.partner.clamp_min(0)], crop, images.shape[-2:])[0]
         crop_points = (found.partner_points - center[:, None]) / half[:, None, None]
         pick = cross[:, None, None]
-        anchor_mask = self.keypoint_mask(found.anchor_points, weights, size)
-        second_mask = self.keypoint_mask(crop_points, weights, size)
         return SecondView(torch.where(pick[..., None], crop_images, view.images),
-                          torch.where(pick, affine_to_homography(found.affine) @ crop, homography),
-                          torch.where(pick[..., None], anchor_mask, ones),
-                          torch.where(pick[..., None], second_mask, ones), cross)
+                          torch.where(pick, affine_to_homography(found.affine) @ crop, homography), cross,
+                          found.anchor_points, crop_points, weights)
 
     def keypoint_mask(self, points: Tensor, weights: Tensor, size: tuple[int, int]) -> Tensor:
         return keypoint_mask(points, weights, size, self.cross.sigma, self.cross.clamp_mask)
 
     def tac_terms(self, anchor_map: Tensor, second_map: Tensor, view: SecondView) -> dict[str, Tensor]:
-        """L_TAC_self and L_TAC_cross: per-pair sums over cells, each averaged over its own pairs."""
-        maps = [anchor_map, second_map, view.anchor_mask, view.second_mask]
+        """L_TAC_self and L_TAC_cross, in fp32: per-pair sums over cells, both divided by the batch size,
+        so that their sum is the batch mean over all pairs (a cross pair weighs what a self pair weighs)."""
+        size = anchor_map.shape[-2:]
+        ones = torch.ones(len(anchor_map), 1, *size, device=anchor_map.device)
+        anchor_mask = second_mask = ones
+        if view.anchor_points is not None:
+            pick = view.cross[:, None, None, None]
+            anchor_mask = torch.where(pick, self.keypoint_mask(view.anchor_points, view.weights, size), ones)
+            second_mask = torch.where(pick, self.keypoint_mask(view.second_points, view.weights, size), ones)
+        maps = [anchor_map.float(), second_map.float(), anchor_mask, second_mask]
         if self.tac_upsample > 1:
-            maps = [F.interpolate(m.float(), scale_factor=self.tac_upsample, mode="bilinear",
-                                  align_corners=False) for m in maps]
+            maps = [F.interpolate(m, scale_factor=self.tac_upsample, mode="bilinear", align_corners=False)
+                    for m in maps]
         aligned = ~view.cross if self.cross.mode == "literal" else torch.ones_like(view.cross)
         per_pair = attention_consistency(*maps[:2], view.homography, *maps[2:], aligned)
         per_pair = per_pair / self.tac_upsample**2  # per raw cell
-        return {"tac_self": mean_over(per_pair, ~view.cross), "tac_cross": mean_over(per_pair, view.cross)}
+        return {"tac_self": (per_pair * ~view.cross).sum() / len(per_pair),
+                "tac_cross": (per_pair * view.cross).sum() / len(per_pair)}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if len(self.pseudo_labels) == 0:
@@ -521,8 +574,17 @@ class TACCCL(EmbeddingModule):
                                "to trainer.callbacks (it sets them before the first epoch)")
         images, index = batch["views"][0], batch["index"]
         labels = self.pseudo_labels[index]
-        z, attention, fmap = self.attend(images)
-        z = z.float()
+        two_views = bool(self.tac_weight or self.feature_weight)
+        offline = {k: v for k, v in batch.items() if k.startswith("cross")} or None
+        if offline is not None:  # offline pairs: a cross item's anchor is its own keypoint crop
+            images = torch.where(offline["cross"][:, None, None, None], offline["cross_views"][:, 0], images)
+        if two_views:  # one forward over both views: BatchNorm (when it trains) sees them as one batch
+            view = self.second_view(images, labels, index, self._generator(), offline)
+            z, attention, _ = self.attend(torch.cat([images, view.images]))
+            (z, z2), (attention, attention2) = z.float().chunk(2), attention.chunk(2)
+        else:
+            z, attention, _ = self.attend(images)
+            z = z.float()
         terms = {"ms": multi_similarity_loss(z, labels, z, labels, exclude_diagonal=True, **self.ms)}
         loss = terms["ms"]
         if self.memory_weight:
@@ -534,15 +596,13 @@ class TACCCL(EmbeddingModule):
             terms["ccl"] = contrastive_clustering_loss(z, self.centers, assigned)
             loss = loss + self.ccl_weight * terms["ccl"]
         diagnostics = {"attention_std": attention.detach().float().flatten(1).std(1).mean()}
-        if self.tac_weight or self.feature_weight:
-            view = self.second_view(images, fmap.detach(), labels, index, self._generator())
-            z2, attention2, _ = self.attend(view.images)
+        if two_views:
             diagnostics["cross_share"] = view.cross.float().mean()
             if self.tac_weight:
                 terms.update(self.tac_terms(attention, attention2, view))
                 loss = loss + self.tac_weight * (terms["tac_self"] + terms["tac_cross"])
             if self.feature_weight:
-                terms["feature"] = (z - z2.float()).norm(dim=1).mean()
+                terms["feature"] = feature_similarity_loss(z, z2, self.feature_loss)
                 loss = loss + self.feature_weight * terms["feature"]
         if self.memory_weight:
             self.enqueue(z.detach(), index)  # after the memory term: the bank is read before it changes

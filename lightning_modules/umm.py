@@ -5,9 +5,14 @@ L2-normalised draws per view are its positive candidates. The loss is Eq. 13,
   L = L_S + λ_N L_N + λ_R L_R,
 with L_S the set-to-set softmax (Eqs. 5-7), L_N the symmetric KL between the two views' Gaussians
 (Eqs. 8-10) and L_R = 1 - mAP of a histogram-binned ranking of every candidate in the batch (Eqs. 11-12).
-Every term is a mean per instance (per query for L_R), as the λ's "balance the scale with L_S" (spec A6);
-L_N still sums its D dimensions, as a KL does, which makes it large: on digits the CIFAR λ_N = 10 collapses
-the embedding within ten steps and λ_N = 0.01 trains (experiments/configs/umm/digits.yaml).
+Every term is a mean per instance (per query for L_R), as the λ's "balance the scale with L_S" (spec A6).
+L_N is also a mean over the D dimensions by default (`consistency_reduction`). Summed over D = 128, as
+Eq. 8 prints it, λ_N L_N at initialisation is 200-1,400 (by batch) for the paper's λ_N = 10 (CIFAR, STL)
+against L_S ≈ log n ≈ 5 and λ_R L_R ≈ 7-10: σ² runs to its clamp and the candidates become noise. The mean
+brings it to 2-11, the scale of the terms the paper's λ's "balance" (and the paper never weights L_N above
+L_R: 10/10, 0.2/2, 0.1/0.1, which fits two O(1) terms). "sum" keeps Eq. 8 as printed. On digits, λ_N = 10
+still collapses μ under the mean (the two views' means are pulled together before L_S can spread them), so
+umm/digits.yaml uses λ_N = 0.64.
 k (`num_samples`) is set each epoch by `callbacks.k_schedule.KSchedule` through `set_num_samples`.
 There is no momentum encoder, queue or memory bank: "momentum" is the paper's metaphor (spec §3.8).
 """
@@ -24,6 +29,7 @@ from lightning_modules.losses import fp32
 
 SOFTMAX_MODES = ("literal", "symmetric", "isif_2n")
 RANKING_POOLS = ("both_views", "single_view_literal")
+CONSISTENCY_REDUCTIONS = ("mean", "sum")
 
 
 @fp32
@@ -65,15 +71,20 @@ def set_softmax_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.
 
 @fp32
 def distribution_consistency_loss(mu1: torch.Tensor, logvar1: torch.Tensor, mu2: torch.Tensor,
-                                  logvar2: torch.Tensor) -> torch.Tensor:
-    """L_N: KL(N‖N') + KL(N'‖N) of diagonal Gaussians (..., D), summed over D, mean over the rest.
+                                  logvar2: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """L_N: KL(N‖N') + KL(N'‖N) of diagonal Gaussians (..., D), mean over the leading dimensions.
 
     In the symmetric sum the log-determinants cancel, leaving variance ratios and a Mahalanobis term under
     both precisions. Alone it is lowered by inflating σ; L_S and L_R push back (spec §3.5).
+    reduction over D: "mean" (default) keeps λ_N L_N on the scale of L_S for the paper's λ_N, whatever D;
+    "sum" is the KL of Eq. 8 as printed, D times larger.
     """
+    if reduction not in CONSISTENCY_REDUCTIONS:
+        raise ValueError(f"consistency reduction {reduction!r}: use one of {', '.join(CONSISTENCY_REDUCTIONS)}")
     ratio = logvar1 - logvar2
     mahalanobis = (mu1 - mu2).pow(2) * (torch.exp(-logvar1) + torch.exp(-logvar2))
-    return (0.5 * (torch.exp(ratio) + torch.exp(-ratio) - 2 + mahalanobis).sum(dim=-1)).mean()
+    per_dimension = 0.5 * (torch.exp(ratio) + torch.exp(-ratio) - 2 + mahalanobis)
+    return (per_dimension.mean(dim=-1) if reduction == "mean" else per_dimension.sum(dim=-1)).mean()
 
 
 def _binned(index: torch.Tensor, frac: torch.Tensor, bins: int) -> torch.Tensor:
@@ -156,6 +167,8 @@ class UMM(EmbeddingModule):
     """UMM on two views per instance; the evaluation embedding is l2norm(μ) (`GaussianHead.forward`).
 
     temperature, lambda_n, lambda_r: τ, λ_N, λ_R of Eq. 13.
+    consistency_reduction: L_N over the D dimensions, "mean" (default) or "sum" (Eq. 8 as printed; the
+      paper's λ_N then overwhelms L_S, see the module docstring).
     num_samples: k until a `KSchedule` sets it (`set_num_samples`).
     components: C Gaussians per image (Eq. 3); every published number uses C = 1.
     variance, logvar_range: the σ² parameterisation of `GaussianHead` (spec A2).
@@ -168,8 +181,11 @@ class UMM(EmbeddingModule):
                  num_samples: int = 5, components: int = 1, variance: str = "exp",
                  logvar_range: tuple[float, float] = (-10.0, 2.0), softmax_mode: str = "literal",
                  ranking_pool: str = "both_views", bins: int = 20, ranking_chunk: int | None = None,
-                 gather_negatives: bool = True, **kwargs):
+                 gather_negatives: bool = True, consistency_reduction: str = "mean", **kwargs):
         super().__init__(**kwargs)
+        if consistency_reduction not in CONSISTENCY_REDUCTIONS:
+            raise ValueError(f"consistency_reduction {consistency_reduction!r}: use one of "
+                             f"{', '.join(CONSISTENCY_REDUCTIONS)} (mean over D is the default)")
         if softmax_mode not in SOFTMAX_MODES:
             raise ValueError(f"softmax_mode {softmax_mode!r}: use one of {', '.join(SOFTMAX_MODES)}")
         if ranking_pool not in RANKING_POOLS:
@@ -181,6 +197,7 @@ class UMM(EmbeddingModule):
         self.temperature, self.lambda_n, self.lambda_r = temperature, lambda_n, lambda_r
         self.softmax_mode, self.ranking_pool, self.bins = softmax_mode, ranking_pool, bins
         self.ranking_chunk, self.gather_negatives = ranking_chunk, gather_negatives
+        self.consistency_reduction = consistency_reduction
         self.set_num_samples(num_samples)
 
     def set_num_samples(self, k: int) -> None:
@@ -189,12 +206,14 @@ class UMM(EmbeddingModule):
             raise ValueError(f"num_samples {k!r}: k must be an integer >= 1")
         self.num_samples = k
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        v1, v2 = batch["views"][:2]
+    def loss_terms(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+        """Eq. 13 on two views of a batch: {"loss", each unweighted term}, μ and log σ² (2n, C, D) and the
+        first view's candidates (n, k, D), the last three for the diagnostics."""
         mu, logvar = (t.float() for t in self.head.moments(self.trunk(torch.cat([v1, v2]))))
         z1, z2 = sample_candidates(mu, logvar, self.num_samples).chunk(2)
         (mu1, mu2), (logvar1, logvar2) = mu.chunk(2), logvar.chunk(2)
-        consistency = distribution_consistency_loss(mu1, logvar1, mu2, logvar2)
+        consistency = distribution_consistency_loss(mu1, logvar1, mu2, logvar2, self.consistency_reduction)
         shard = (0, 1)
         if self.gather_negatives:
             z1, z2 = self.gather(z1), self.gather(z2)
@@ -203,8 +222,13 @@ class UMM(EmbeddingModule):
         ranking = ranking_loss(z1, z2, self.bins, self.ranking_pool, shard, self.ranking_chunk)
         loss = set_softmax + self.lambda_n * consistency + self.lambda_r * ranking
         terms = {"loss": loss, "set_softmax": set_softmax, "consistency": consistency, "ranking": ranking}
-        self.log_terms(terms, embedding=GaussianHead.embedding(mu1))
+        return terms, mu, logvar, z1
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        v1, v2 = batch["views"][:2]
+        terms, mu, logvar, z1 = self.loss_terms(v1, v2)
+        self.log_terms(terms, embedding=GaussianHead.embedding(mu[: len(v1)]))
         self.log_dict({"train/variance": logvar.detach().exp().mean(),
                        "train/set_mean_norm": z1.detach().mean(dim=1).norm(dim=-1).mean()},
                       on_step=False, on_epoch=True, batch_size=len(v1))
-        return loss
+        return terms["loss"]

@@ -24,7 +24,7 @@ def run(devices: int, out: str) -> None:
                             eval_batch_size=50, unlabeled_includes_labeled=True)  # 359 training images: odd
     discovery, evaluator = ConfidentSampleDiscovery(), ClassificationEvaluator()
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        max_epochs=2, limit_train_batches=1, check_val_every_n_epoch=10, num_sanity_val_steps=0,
+                        max_epochs=2, limit_train_batches=1, check_val_every_n_epoch=2, num_sanity_val_steps=0,
                         callbacks=[discovery, evaluator], logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, default_root_dir=out + ".run")
     trainer.fit(model, data)

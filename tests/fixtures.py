@@ -2,7 +2,8 @@
 
 Every writer takes the folder to write into and returns the path to pass as `--data.root`. Pixel values
 come from `pattern(index, height, width)`, so a test can check that a reader puts every pixel back in
-place (row/column/channel order).
+place (row/column/channel order). Their image counts differ from the published ones, so a DataModule built
+on them needs allow_partial=True (`--data.allow_partial=true`), or its setup raises DatasetSizeError.
 """
 from __future__ import annotations
 

@@ -1,13 +1,23 @@
-"""Backbones and heads: shapes, the CIFAR stem, local weight files, frozen BatchNorm."""
+"""Backbones and heads: shapes, the CIFAR stem, local weight files, the input contract (pretrained
+normalisation through the datamodule), frozen BatchNorm."""
 from __future__ import annotations
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from datamodules.base import EmbeddingDataModule, Records
+from datamodules.digits import DigitsDataModule
 from lightning_modules.backbones import build_backbone, freeze_batchnorm
+from lightning_modules.base import EmbeddingModule, Optim
 from lightning_modules.heads import EmbeddingHead, l2_normalize
+from lightning_modules.isif import ISIF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision documents for its ImageNet weights
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @pytest.fixture(autouse=True)
@@ -79,8 +89,10 @@ def test_file_without_num_batches_tracked_loads(tmp_path) -> None:
 
 def test_googlenet_loads_a_torchvision_file(tmp_path) -> None:
     """A torchvision state dict (fc.*, aux*) inside DDP/checkpoint wrappers loads; the trunk gives
-    pool5 (1024-d), with no aux outputs, input transform or dropout."""
-    reference = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    pool5 (1024-d), with no aux outputs or dropout, and the `transform_input` of torchvision's own
+    pretrained construction."""
+    reference = torchvision.models.googlenet(weights=None, aux_logits=True, transform_input=True,
+                                             init_weights=False)
     state = {f"module.{k}": v for k, v in reference.state_dict().items()}
     assert any(k.startswith("module.aux1.") for k in state) and "module.fc.weight" in state
     path = tmp_path / "googlenet.pth"
@@ -94,7 +106,104 @@ def test_googlenet_loads_a_torchvision_file(tmp_path) -> None:
         trunk.train()
         out = trunk(x)
         assert out.shape == (2, dim) == (2, 1024) and torch.equal(out, trunk(x))
-    assert trunk.net.aux1 is None and not trunk.net.transform_input
+    assert trunk.net.aux1 is None and trunk.net.transform_input
+    assert (trunk.input_mean, trunk.input_std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+# -- input contract: the backbone owns the normalisation its weights expect ----------------------------
+class RGBNoise(EmbeddingDataModule):
+    """16 random 32x32 RGB images of 4 classes (unseen: a train and a query split); the base's 0.5/0.5
+    statistics, so a backbone that did not set its own would be fed the wrong input."""
+
+    name = "rgb_noise"
+    protocols = ("unseen",)
+
+    def read_records(self) -> dict[str, Records]:
+        images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+        targets = np.repeat(np.arange(4), 4)
+        return {"train": Records(images[:8], targets[:8]), "test": Records(images[8:], targets[8:])}
+
+
+def _imagenet_normalised(images: np.ndarray) -> torch.Tensor:
+    """(N, 3, H, W): uint8 HWC images as torchvision's ImageNet weights want them, written out by hand."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def googlenet_file(tmp_path_factory) -> tuple[str, nn.Module]:
+    """A torchvision GoogLeNet state dict with non-trivial BN statistics, and torchvision's pretrained
+    construction of it (transform_input=True, fc = Identity) as the reference."""
+    torch.manual_seed(1)
+    reference = torchvision.models.googlenet(weights=None, aux_logits=False, transform_input=True,
+                                             init_weights=False)
+    with torch.no_grad():
+        for bn in _bn_layers(reference):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("weights") / "googlenet.pth"
+    torch.save(reference.state_dict(), path)
+    reference.fc = nn.Identity()
+    return str(path), reference.eval()
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+
+def test_pretrained_googlenet_matches_torchvision_through_the_datamodule(googlenet_file) -> None:
+    """End to end: the datamodule's eval (and train) transform, after the module's setup hook, feeds the
+    trunk what torchvision's pretrained GoogLeNet gives on ImageNet-normalised pixels."""
+    path, reference = googlenet_file
+    model = EmbeddingModule(backbone="googlenet", pretrained=True, weights=path, frozen_bn=True)
+    dm = RGBNoise(protocol="unseen", batch_size=4, eval_batch_size=8, image_size=32,
+                  train_transform="plain", eval_transform="plain")
+    _trainer(limit_val_batches=1).validate(model, datamodule=dm)  # Lightning calls model.setup
+    assert (dm.mean, dm.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    batch = next(iter(dm.eval_dataloader("query")))
+    expected = _imagenet_normalised(dm.splits["query"].items[batch["index"].numpy()])
+    torch.testing.assert_close(batch["image"], expected)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.trunk(batch["image"]), reference(expected), rtol=1e-4, atol=1e-5)
+    train = next(iter(dm.train_dataloader()))  # the training views get the same normalisation
+    torch.testing.assert_close(train["views"][0], _imagenet_normalised(dm.splits["train"].items[train["index"].numpy()]))
+
+
+def test_a_mean_std_that_contradicts_pretrained_weights_is_an_error(googlenet_file) -> None:
+    path, _ = googlenet_file
+    model = EmbeddingModule(backbone="googlenet", pretrained=True, weights=path)
+    dm = RGBNoise(protocol="unseen", image_size=32, eval_transform="plain", mean=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match=r"--data.mean=\[0.5, 0.5, 0.5\] contradicts the pretrained backbone"):
+        _trainer(limit_val_batches=1).validate(model, datamodule=dm)
+    agreeing = RGBNoise(protocol="unseen", std=list(IMAGENET_STD))  # restating the same values is allowed
+    agreeing.set_input_normalization(IMAGENET_MEAN, IMAGENET_STD)
+    assert (agreeing.mean, agreeing.std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_loaders_without_the_hook_get_a_warning_naming_the_values(googlenet_file) -> None:
+    path, _ = googlenet_file
+    model = EmbeddingModule(backbone="googlenet", pretrained=True, weights=path)
+    dm = RGBNoise(protocol="unseen", image_size=32, eval_transform="plain")
+    dm.setup()
+    with pytest.warns(UserWarning, match=r"mean \(0.485, 0.456, 0.406\).*set_input_normalization"):
+        _trainer(limit_val_batches=1).validate(model, dataloaders=dm.eval_dataloader("query"))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet", "small_cnn", "timm:test_resnet"])
+def test_only_published_weights_declare_an_input_normalisation(name, tmp_path) -> None:
+    """From scratch, every net leaves the dataset's statistics alone; with pretrained weights, the
+    torchvision nets declare ImageNet statistics and a timm net its own pretrained_cfg."""
+    scratch, _ = build_backbone(name)
+    assert scratch.input_mean is None and scratch.input_std is None
+    assert not getattr(scratch.net, "transform_input", False)
+    path = tmp_path / "w.pth"
+    torch.save(scratch.state_dict(), path)
+    trunk, _ = build_backbone(name, pretrained=True, weights=str(path))
+    expected = {"resnet18": (IMAGENET_MEAN, IMAGENET_STD), "googlenet": (IMAGENET_MEAN, IMAGENET_STD),
+                "small_cnn": (None, None), "timm:test_resnet": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}[name]
+    assert (trunk.input_mean, trunk.input_std) == expected
 
 
 def test_wrong_keys_give_a_clear_error(tmp_path) -> None:
@@ -140,8 +249,9 @@ def test_failed_download_asks_for_a_file(monkeypatch) -> None:
         build_backbone("resnet18", pretrained=True)
 
 
-def test_frozen_bn_survives_train_calls() -> None:
-    trunk, dim = build_backbone("small_cnn", frozen_bn=True, in_chans=1)
+@pytest.mark.parametrize("affine", [False, True])
+def test_frozen_bn_survives_train_calls(affine: bool) -> None:
+    trunk, dim = build_backbone("small_cnn", frozen_bn=True, in_chans=1, frozen_bn_affine=affine)
     model = nn.Sequential(trunk, EmbeddingHead(dim, 16))  # the LightningModule's role
     bns = _bn_layers(trunk)
     before = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
@@ -149,7 +259,10 @@ def test_frozen_bn_survives_train_calls() -> None:
         model.train()
         model(torch.randn(4, 1, 8, 8) * 5 + 2).sum().backward()
     assert all(not bn.training for bn in bns)
-    assert all(not p.requires_grad and p.grad is None for bn in bns for p in bn.parameters())
+    if affine:  # the strict form: BN weight and bias fixed too
+        assert all(not p.requires_grad and p.grad is None for bn in bns for p in bn.parameters())
+    else:  # the default: statistics fixed, affine parameters train
+        assert all(p.requires_grad and p.grad.abs().sum() > 0 for bn in bns for p in bn.parameters())
     for bn, (mean, var) in zip(bns, before):
         assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
     convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
@@ -172,7 +285,38 @@ def test_freeze_batchnorm_helper() -> None:
     net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.BatchNorm1d(2))
     freeze_batchnorm(net)
     assert net[0].weight.requires_grad and net[0].training
-    assert all(not bn.training and not bn.weight.requires_grad for bn in (net[1], net[2]))
+    assert all(not bn.training and bn.weight.requires_grad for bn in (net[1], net[2]))
+    freeze_batchnorm(net, affine=True)
+    assert all(not bn.weight.requires_grad and not bn.bias.requires_grad for bn in (net[1], net[2]))
+    assert net[0].weight.requires_grad
+
+
+def test_frozen_bn_affine_needs_frozen_bn() -> None:
+    with pytest.raises(ValueError, match="frozen_bn=True"):
+        build_backbone("small_cnn", in_chans=1, frozen_bn_affine=True)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_frozen_bn_in_a_lightning_fit(affine: bool) -> None:
+    """A real fit (ISIF on digits, 2 epochs with validation between): frozen BN keeps its running
+    statistics; its affine parameters train unless frozen_bn_affine. A from-scratch net leaves the
+    dataset's statistics in the datamodule."""
+    L.seed_everything(0)
+    model = ISIF(backbone="small_cnn", in_chans=1, embedding_dim=16, frozen_bn=True, frozen_bn_affine=affine,
+                 optim=Optim(lr=0.1))
+    bns = _bn_layers(model.trunk)
+    stats = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
+    affine_before = [(bn.weight.detach().clone(), bn.bias.detach().clone()) for bn in bns]
+    conv_before = model.trunk.net[0].weight.detach().clone()
+    dm = DigitsDataModule(batch_size=32, eval_batch_size=64)
+    _trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1).fit(model, datamodule=dm)
+    for bn, (mean, var, count) in zip(bns, stats):
+        assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+        assert torch.equal(bn.num_batches_tracked, count)
+    moved = [not torch.equal(bn.weight, w) and not torch.equal(bn.bias, b) for bn, (w, b) in zip(bns, affine_before)]
+    assert moved == [not affine] * len(bns)
+    assert not torch.equal(model.trunk.net[0].weight, conv_before)  # the convolutions trained either way
+    assert (dm.mean, dm.std) == (DigitsDataModule.mean, DigitsDataModule.std)
 
 
 def test_embedding_head_unit_norm() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 import yaml
 
 from datamodules import DATAMODULES, datamodule_class
-from datamodules.base import DatasetSizeWarning, EmbeddingDataModule
+from datamodules.base import DatasetSizeError, DatasetSizeWarning, EmbeddingDataModule
 from datamodules.cars import CarsDataModule
 from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
 from datamodules.cub import CUBDataModule
@@ -50,7 +51,7 @@ def check_train_batches(dm: EmbeddingDataModule, views: int, shape: tuple[int, .
 
 # -- in-memory datasets ------------------------------------------------------------------------------
 def test_cifar10_reads_every_pixel_and_maps_the_seen_protocol(tmp_path):
-    dm = setup(CIFAR10DataModule(root=str(F.write_cifar10(tmp_path)), batch_size=8))
+    dm = setup(CIFAR10DataModule(root=str(F.write_cifar10(tmp_path)), batch_size=8, allow_partial=True))
     train, test = dm.splits["train"], dm.splits["query"]
     assert (len(train), len(test)) == (30, 20)
     assert dm.eval_roles == ["reference", "query"] and dm.splits["reference"] is train
@@ -69,21 +70,35 @@ def test_cifar10_reads_every_pixel_and_maps_the_seen_protocol(tmp_path):
     assert batch["target"].tolist() == test.targets.tolist()  # eval loaders reveal labels
 
 
-def test_cifar_count_warning_says_how_many_differ(tmp_path):
-    dm = CIFAR10DataModule(root=str(F.write_cifar10(tmp_path)))
-    expected = r"CIFAR-10 train: 30 images, published 50,000 \(49,970 fewer\)"
-    with pytest.warns(DatasetSizeWarning, match=expected):
+def test_count_mismatch_fails_naming_the_counts_and_the_flag_which_downgrades_it(tmp_path):
+    root = str(F.write_cifar10(tmp_path))
+    counts = (r"CIFAR-10 train: 30 images, published 50,000 \(49,970 fewer\); "
+              r"CIFAR-10 test: 20 images, published 10,000 \(9,980 fewer\)")
+    with pytest.raises(DatasetSizeError, match=counts + r".*--data\.allow_partial=true"):
+        CIFAR10DataModule(root=root).setup()
+    dm = CIFAR10DataModule(root=root, allow_partial=True)
+    with pytest.warns(DatasetSizeWarning, match=counts):
         dm.setup()
+    assert len(dm.splits["train"]) == 30
+
+
+def test_published_counts_pass_without_the_flag_or_a_warning(tmp_path):
+    dm = CIFAR10DataModule(root=str(F.write_cifar10(tmp_path)))
+    dm.published_counts = {"train": 30, "test": 20}  # what the fixture holds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetSizeWarning)
+        dm.setup()
+    assert len(dm.splits["query"]) == 20
 
 
 def test_cifar_root_may_be_the_unpacked_folder_itself(tmp_path):
     F.write_cifar10(tmp_path)
-    dm = setup(CIFAR10DataModule(root=str(tmp_path / "cifar-10-batches-py")))
+    dm = setup(CIFAR10DataModule(root=str(tmp_path / "cifar-10-batches-py"), allow_partial=True))
     assert len(dm.splits["train"]) == 30
 
 
 def test_cifar100_uses_fine_labels(tmp_path):
-    dm = setup(CIFAR100DataModule(root=str(F.write_cifar100(tmp_path)), batch_size=16))
+    dm = setup(CIFAR100DataModule(root=str(F.write_cifar100(tmp_path)), batch_size=16, allow_partial=True))
     assert dm.num_classes["train"] == 100 and len(dm.splits["train"]) == 200
     assert dm.splits["train"].targets[:3].tolist() == [0, 1, 2]
     assert dm.mean != CIFAR10DataModule.mean
@@ -91,7 +106,7 @@ def test_cifar100_uses_fine_labels(tmp_path):
 
 def test_stl10_column_major_images_and_reference_is_the_labeled_train_split(tmp_path):
     root = str(F.write_stl10(tmp_path))
-    dm = setup(STL10DataModule(root=root, batch_size=8))
+    dm = setup(STL10DataModule(root=root, batch_size=8, allow_partial=True))
     train, reference, test = dm.splits["train"], dm.splits["reference"], dm.splits["query"]
     assert (len(train), len(reference), len(test)) == (37, 30, 20)
     np.testing.assert_array_equal(reference.items[4], F.pattern(4, 96, 96))
@@ -100,12 +115,12 @@ def test_stl10_column_major_images_and_reference_is_the_labeled_train_split(tmp_
     assert reference.targets.tolist() == F.class_labels(10, 3).tolist()  # stored 1..10, read 0..9
     assert (train.targets[30:] == -1).all()
     check_train_batches(dm, views=2, shape=(3, 96, 96))
-    small = setup(STL10DataModule(root=root, train_split="train"))
+    small = setup(STL10DataModule(root=root, train_split="train", allow_partial=True))
     assert len(small.splits["train"]) == 30
 
 
 def test_svhn_maps_label_10_to_digit_0(tmp_path):
-    dm = setup(SVHNDataModule(root=str(F.write_svhn(tmp_path)), batch_size=8))
+    dm = setup(SVHNDataModule(root=str(F.write_svhn(tmp_path)), batch_size=8, allow_partial=True))
     train = dm.splits["train"]
     assert train.targets.tolist() == F.class_labels(10, 3).tolist()
     np.testing.assert_array_equal(train.items[7], F.pattern(7, 32, 32))
@@ -124,7 +139,7 @@ def test_digits_still_works_for_every_protocol():
 # -- file datasets ------------------------------------------------------------------------------------
 def test_imagenet_class_index_is_sorted_wnid_order(tmp_path):
     root = str(F.write_imagenet(tmp_path, ["n03", "n01", "n02"]))
-    dm = setup(ImageNetDataModule(root=root, batch_size=3, image_size=64))
+    dm = setup(ImageNetDataModule(root=root, batch_size=3, image_size=64, allow_partial=True))
     train = dm.splits["train"]
     assert [Path(p).parent.name for p in train.items] == ["n01", "n01", "n02", "n02", "n03", "n03"]
     assert train.targets.tolist() == [0, 0, 1, 1, 2, 2] and len(dm.splits["query"]) == 3
@@ -135,7 +150,7 @@ def test_imagenet_class_index_is_sorted_wnid_order(tmp_path):
 def test_imagenet_class_list_from_a_file_and_missing_class_folder(tmp_path):
     root = F.write_imagenet(tmp_path / "data", ["n01", "n02", "n03"])
     (tmp_path / "classes.txt").write_text("n03\n\nn01\n")
-    dm = setup(ImageNetDataModule(root=str(root), classes=str(tmp_path / "classes.txt")))
+    dm = setup(ImageNetDataModule(root=str(root), classes=str(tmp_path / "classes.txt"), allow_partial=True))
     assert {Path(p).parent.name for p in dm.splits["query"].items} == {"n01", "n03"}
     with pytest.raises(FileNotFoundError, match=r"1 class folder\(s\) missing .*n09"):
         ImageNetDataModule(root=str(root), classes=["n01", "n09"]).setup()
@@ -144,14 +159,14 @@ def test_imagenet_class_list_from_a_file_and_missing_class_folder(tmp_path):
 def test_imagenet100_defaults_to_the_cmc_list(tmp_path):
     extra = "n09999999"  # a folder outside the list is ignored
     root = str(F.write_imagenet(tmp_path, [*CMC_IMAGENET100, extra], per_class=1))
-    dm = setup(ImageNet100DataModule(root=root))
+    dm = setup(ImageNet100DataModule(root=root, allow_partial=True))
     assert dm.num_classes == {"train": 100, "reference": 100, "query": 100}
     assert dm.expected_counts() == {"train": 126_689, "test": 5_000}
     assert ImageNet100DataModule(root=root, classes=["n01749939"]).expected_counts() == {}
 
 
 def test_cub_splits_by_class_id_1_100_vs_101_200(tmp_path):
-    dm = setup(CUBDataModule(root=str(F.write_cub(tmp_path)), batch_size=4))
+    dm = setup(CUBDataModule(root=str(F.write_cub(tmp_path)), batch_size=4, allow_partial=True))
     train, query = dm.splits["train"], dm.splits["query"]
     assert dm.eval_roles == ["query"]
     # classes 1, 2, 3, 100 train, 101, 102, 200 test (train_test_split.txt ignored); target = id - 1 (- 100)
@@ -165,7 +180,7 @@ def test_cub_splits_by_class_id_1_100_vs_101_200(tmp_path):
 
 
 def test_cars_splits_by_class_id_1_98_vs_99_196(tmp_path):
-    dm = setup(CarsDataModule(root=str(F.write_cars(tmp_path)), batch_size=3, image_size=64))
+    dm = setup(CarsDataModule(root=str(F.write_cars(tmp_path)), batch_size=3, image_size=64, allow_partial=True))
     train, query = dm.splits["train"], dm.splits["query"]
     assert sorted(set(train.targets.tolist())) == [0, 1, 97]  # class ids 1, 2, 98
     assert sorted(set(query.targets.tolist())) == [0, 1, 97]  # class ids 99, 100, 196
@@ -175,7 +190,7 @@ def test_cars_splits_by_class_id_1_98_vs_99_196(tmp_path):
 
 
 def test_sop_splits_by_list_and_relabels_each_from_zero(tmp_path):
-    dm = setup(SOPDataModule(root=str(F.write_sop(tmp_path)), batch_size=4, image_size=64))
+    dm = setup(SOPDataModule(root=str(F.write_sop(tmp_path)), batch_size=4, image_size=64, allow_partial=True))
     train, query = dm.splits["train"], dm.splits["query"]
     assert train.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # ids 1, 2, 3, 11318
     assert query.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # ids 11319, 11320, 22634
@@ -194,7 +209,7 @@ def test_sop_rejects_a_list_without_its_header(tmp_path):
 @pytest.mark.parametrize("official_layout", [True, False])
 def test_inshop_query_and_gallery_roles_share_item_labels(tmp_path, official_layout):
     root = str(F.write_inshop(tmp_path, official_layout=official_layout))
-    dm = setup(InShopDataModule(root=root, batch_size=4, image_size=64))
+    dm = setup(InShopDataModule(root=root, batch_size=4, image_size=64, allow_partial=True))
     assert dm.eval_roles == ["query", "gallery"]
     train, query, gallery = dm.splits["train"], dm.splits["query"], dm.splits["gallery"]
     assert (len(train), len(query), len(gallery)) == (12, 3, 6)
@@ -228,8 +243,9 @@ def test_folder_unseen_splits_classes_and_seen_splits_images(tmp_path):
 def test_unsupervised_training_batches_carry_no_labels(tmp_path):
     """Every training batch of every protocol without labels: target == -1 everywhere; the train split
     seen through the eval transform (feature extraction) hides labels too unless asked."""
-    modules = [CIFAR10DataModule(root=str(F.write_cifar10(tmp_path / "c")), batch_size=5, num_views=3),
-               CUBDataModule(root=str(F.write_cub(tmp_path / "b")), batch_size=3, image_size=32)]
+    modules = [CIFAR10DataModule(root=str(F.write_cifar10(tmp_path / "c")), batch_size=5, num_views=3,
+                                 allow_partial=True),
+               CUBDataModule(root=str(F.write_cub(tmp_path / "b")), batch_size=3, image_size=32, allow_partial=True)]
     for dm in modules:
         setup(dm)
         for batch in all_batches(dm.train_dataloader()):
@@ -242,15 +258,16 @@ def test_unsupervised_training_batches_carry_no_labels(tmp_path):
 
 
 def test_supervised_flag_reveals_training_targets(tmp_path):
-    dm = setup(CUBDataModule(root=str(F.write_cub(tmp_path)), batch_size=4, image_size=32, supervised=True))
+    dm = setup(CUBDataModule(root=str(F.write_cub(tmp_path)), batch_size=4, image_size=32, supervised=True,
+                             allow_partial=True))
     batch = next(iter(dm.train_dataloader()))
     assert batch["target"].tolist() == dm.splits["train"].targets[batch["index"]].tolist()
 
 
 def test_views_are_independent_and_reproducible(tmp_path):
     root = str(F.write_cifar10(tmp_path))
-    first = next(iter(setup(CIFAR10DataModule(root=root, batch_size=10)).train_dataloader()))
-    again = next(iter(setup(CIFAR10DataModule(root=root, batch_size=10)).train_dataloader()))
+    first = next(iter(setup(CIFAR10DataModule(root=root, batch_size=10, allow_partial=True)).train_dataloader()))
+    again = next(iter(setup(CIFAR10DataModule(root=root, batch_size=10, allow_partial=True)).train_dataloader()))
     assert not torch.equal(first["views"][0], first["views"][1])
     assert torch.equal(first["views"][0], again["views"][0]) and torch.equal(first["index"], again["index"])
 
@@ -279,7 +296,8 @@ def test_missing_file_is_named(tmp_path):
     (tmp_path / "stl" / "stl10_binary" / "unlabeled_X.bin").unlink()
     with pytest.raises(FileNotFoundError, match=r"unlabeled_X\.bin missing.*\n(.|\n)*--data.download true"):
         STL10DataModule(root=str(tmp_path / "stl")).setup()
-    setup(STL10DataModule(root=str(tmp_path / "stl"), train_split="train"))  # the 5K variant does not need it
+    # the 5K variant does not need it
+    setup(STL10DataModule(root=str(tmp_path / "stl"), train_split="train", allow_partial=True))
 
 
 def test_folder_without_class_folders_explains_the_layout(tmp_path):
@@ -293,8 +311,9 @@ def test_corrupt_image_is_reported_with_its_path(tmp_path):
     F.write_corrupt_image(broken)
     listing = rf"1 unreadable image\(s\):\n  {re.escape(str(broken))}: .*\nDelete or replace"
     with pytest.raises(OSError, match=listing):
-        CUBDataModule(root=str(tmp_path), verify_images=True).setup()
-    dm = setup(CUBDataModule(root=str(tmp_path), batch_size=12, image_size=32))  # no check: fails on loading
+        CUBDataModule(root=str(tmp_path), verify_images=True, allow_partial=True).setup()
+    # no check: fails on loading
+    dm = setup(CUBDataModule(root=str(tmp_path), batch_size=12, image_size=32, allow_partial=True))
     with pytest.raises(OSError, match=rf"cannot read image '{re.escape(str(broken))}'.*delete or replace"):
         next(iter(dm.train_dataloader()))
 
@@ -302,13 +321,13 @@ def test_corrupt_image_is_reported_with_its_path(tmp_path):
 def test_empty_split_is_a_hard_error(tmp_path):
     F.write_cub(tmp_path, class_ids=(1, 2, 3))  # no test classes
     with pytest.raises(ValueError, match=r"CUB: the 'query' split is empty"):
-        CUBDataModule(root=str(tmp_path)).setup()
+        CUBDataModule(root=str(tmp_path), allow_partial=True).setup()
 
 
 def test_unknown_protocol_and_too_few_images_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"protocol 'unseen' is not one of \('seen', 'semi'\)"):
         CIFAR10DataModule(protocol="unseen")
-    dm = setup(CUBDataModule(root=str(F.write_cub(tmp_path)), batch_size=64))
+    dm = setup(CUBDataModule(root=str(F.write_cub(tmp_path)), batch_size=64, allow_partial=True))
     with pytest.raises(ValueError, match="fewer than one batch of 64; lower --data.batch_size"):
         dm.train_dataloader()
 
@@ -330,15 +349,16 @@ def test_download_fetches_missing_archives_with_torchvision(tmp_path, monkeypatc
     monkeypatch.setattr("datamodules.cifar.download_and_extract_archive", fake_archive)
     monkeypatch.setattr("datamodules.stl10.download_and_extract_archive", fake_archive)
     monkeypatch.setattr("datamodules.svhn.download_url", fake_file)
-    setup(CIFAR10DataModule(root=str(tmp_path / "c"), download=True))
-    setup(STL10DataModule(root=str(tmp_path / "s"), download=True))
-    setup(SVHNDataModule(root=str(tmp_path / "v"), download=True))
+    setup(CIFAR10DataModule(root=str(tmp_path / "c"), download=True, allow_partial=True))
+    setup(STL10DataModule(root=str(tmp_path / "s"), download=True, allow_partial=True))
+    setup(SVHNDataModule(root=str(tmp_path / "v"), download=True, allow_partial=True))
     assert [c[0] for c in calls] == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                                      "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
                                      "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
                                      "http://ufldl.stanford.edu/housenumbers/test_32x32.mat"]
     assert all(md5 for _, _, md5 in calls)
-    setup(CIFAR10DataModule(root=str(tmp_path / "c"), download=True))  # present: no second download
+    # present: no second download
+    setup(CIFAR10DataModule(root=str(tmp_path / "c"), download=True, allow_partial=True))
     assert len(calls) == 4
 
 
@@ -367,6 +387,6 @@ def test_dataset_config_builds_its_datamodule_on_the_fixture(tmp_path, name):
         args["root"] = str(WRITERS[name](tmp_path))
     if name == "imagenet100":
         args["classes"] = list(CMC_IMAGENET100[:3])
-    dm = cls(**args)
+    dm = cls(**args, allow_partial=True)  # the fixtures are tiny
     dm.setup()
     assert dm.eval_roles

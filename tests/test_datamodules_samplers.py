@@ -94,7 +94,7 @@ def test_subset_sampler_shards_and_cycles_with_fresh_draws():
 
 def test_datamodule_pk_batches_follow_pseudo_labels_and_keep_targets_hidden(tmp_path):
     dm = CUBDataModule(root=str(F.write_cub(tmp_path, class_ids=(1, 2, 3, 4, 101), per_class=3)),
-                       image_size=16, batch_size=4, sampler="pk", samples_per_class=2)
+                       image_size=16, batch_size=4, sampler="pk", samples_per_class=2, allow_partial=True)
     with pytest.warns(DatasetSizeWarning):
         dm.setup()
     loader = dm.train_dataloader()  # built before any pseudo label exists, as Lightning does
@@ -104,19 +104,22 @@ def test_datamodule_pk_batches_follow_pseudo_labels_and_keep_targets_hidden(tmp_
         pseudo = dm.pseudo_labels[batch["index"].numpy()]
         assert sorted(np.unique(pseudo, return_counts=True)[1].tolist()) == [2, 2]
         assert (batch["target"] == -1).all()
-    restored = CUBDataModule(root=dm.root, image_size=16, batch_size=4, sampler="pk", samples_per_class=2)
+    restored = CUBDataModule(root=dm.root, image_size=16, batch_size=4, sampler="pk", samples_per_class=2,
+                             allow_partial=True)
     with pytest.warns(DatasetSizeWarning):
         restored.load_state_dict(dm.state_dict())
     assert restored.pseudo_labels.tolist() == dm.pseudo_labels.tolist()
     with pytest.raises(ValueError, match="not a multiple of samples_per_class"):
-        CUBDataModule(root=dm.root, batch_size=5, sampler="pk", samples_per_class=2).train_dataloader()
+        CUBDataModule(root=dm.root, batch_size=5, sampler="pk", samples_per_class=2,
+                      allow_partial=True).train_dataloader()
     with pytest.raises(ValueError, match="1 clusters, but a P x K batch draws P = 2 .* use at least 2 clusters"):
         dm.set_pseudo_labels(torch.tensor([0] * 10 + [-1, -1]))  # one cluster (and two unassigned)
 
 
 def test_supervised_pk_uses_true_labels(tmp_path):
     dm = CUBDataModule(root=str(F.write_cub(tmp_path, class_ids=(1, 2, 3, 4, 101), per_class=3)),
-                       image_size=16, batch_size=6, sampler="pk", samples_per_class=3, supervised=True)
+                       image_size=16, batch_size=6, sampler="pk", samples_per_class=3, supervised=True,
+                       allow_partial=True)
     with pytest.warns(DatasetSizeWarning):
         batch = next(iter(dm.train_dataloader()))
     targets, counts = np.unique(batch["target"].numpy(), return_counts=True)

@@ -17,7 +17,7 @@ from tests.test_datamodules_samplers import fit
 def semi_cifar(tmp_path, **kwargs) -> CIFAR10DataModule:
     dm = CIFAR10DataModule(root=str(F.write_cifar10(tmp_path, per_class=5)), protocol="semi",
                            labels_per_class=2, batch_size=8, labeled_batch_size=4, train_transform="weak",
-                           **kwargs)
+                           allow_partial=True, **kwargs)
     with pytest.warns(DatasetSizeWarning):
         dm.setup()
     return dm
@@ -58,7 +58,7 @@ def test_labeled_loader_reveals_targets_and_unlabeled_loader_hides_them(tmp_path
 def test_a_cycled_labeled_image_gets_a_fresh_augmentation(tmp_path):
     dm = CIFAR10DataModule(root=str(F.write_cifar10(tmp_path, per_class=5)), protocol="semi",
                            labels_per_class=1, batch_size=10, labeled_batch_size=10, train_transform="npid",
-                           num_views=1)
+                           num_views=1, allow_partial=True)
     with pytest.warns(DatasetSizeWarning):
         batches = list(dm.labeled_dataloader())  # 10 labeled images, 4 batches: each image drawn 4 times
     views: dict[int, list[torch.Tensor]] = {}
@@ -105,7 +105,7 @@ def test_add_labeled_rejects_bad_calls_with_the_fix(tmp_path):
 
 def test_svhn_semi_uses_weak_augmentation_without_flip(tmp_path):
     dm = SVHNDataModule(root=str(F.write_svhn(tmp_path, per_class=4)), protocol="semi", labels_per_class=1,
-                        batch_size=10, train_transform="weak", drop_ops=["flip"])
+                        batch_size=10, train_transform="weak", drop_ops=["flip"], allow_partial=True)
     with pytest.warns(DatasetSizeWarning):
         batch = next(iter(dm.train_dataloader()["labeled"]))
     assert batch["views"][0].shape == (10, 3, 32, 32)

@@ -193,3 +193,15 @@ def test_nmi_clusters_the_embeddings(backend):
     assert 0 < expected < 99
     assert metrics.nmi(emb, targets, backend=backend) == pytest.approx(expected)
     assert metrics.nmi(emb, blob, backend=backend) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_nmi_scores_give_both_normalisations_of_one_clustering(backend):
+    # three points near (10, 0) and one at (0, 10): 2-means puts them in clusters [0, 0, 0, 1] for classes
+    # [0, 0, 1, 1], the labelling computed by hand above: arithmetic 34.371, geometric 34.559.
+    emb, targets = T([[10.0, 0.0], [10.0, 0.1], [10.0, -0.1], [0.0, 10.0]]), T([0, 0, 1, 1])
+    scores = metrics.nmi_scores(emb, targets, restarts=1, backend=backend)
+    assert scores == pytest.approx({"arithmetic": 34.3711, "geometric": 34.5592}, abs=1e-3)
+    assert metrics.nmi(emb, targets, average_method="geometric", backend=backend) == pytest.approx(34.5592, abs=1e-3)
+    with pytest.raises(ValueError, match=r"NMI normalisation 'max': use one of \('arithmetic', 'geometric'\)"):
+        metrics.nmi_scores(emb, targets, averages=("max",))

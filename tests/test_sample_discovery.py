@@ -18,8 +18,10 @@ from callbacks.sample_discovery import (
     select_per_class,
 )
 from datamodules.digits import DigitsDataModule
+from datamodules.folder import FolderDataModule
 from experiments.train import last_checkpoint
 from lightning_modules.snowball import Curriculum, Snowball
+from tests.fixtures import write_jpeg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,3 +115,33 @@ def test_bad_options_name_the_fix():
         ConfidentSampleDiscovery(rule="closest")
     with pytest.raises(ValueError, match="leave fusion none"):
         ConfidentSampleDiscovery(selector="softmax_confidence", fusion="cascade")
+
+
+def test_discovery_caps_n_at_the_pool_left_and_the_heads_come_from_the_folder_classes(tmp_path):
+    """3 class folders x 8 images, 18 training images, 2 labels per class: the doublings ask for +6, +12, +18
+    but only 12, then 6, then 0 unlabeled images are left (the 40-class run that died at epoch 29)."""
+    for c in range(3):
+        for i in range(8):
+            write_jpeg(tmp_path / "data" / f"class_{c}" / f"{i}.jpg", 8 * c + i, size=(8, 8))
+    L.seed_everything(0)
+    model = Snowball(backbone="small_cnn", curriculum=Curriculum(0, 1, 1, 3), rampup_steps=2)  # no num_classes
+    data = FolderDataModule(root=str(tmp_path / "data"), protocol="semi", test_fraction=0.25, labels_per_class=2,
+                            batch_size=6, eval_batch_size=8, image_size=8, train_transform="weak",
+                            eval_transform="plain", unlabeled_includes_labeled=True)
+    discovery = ConfidentSampleDiscovery()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=1, num_sanity_val_steps=0,
+                        callbacks=[ClassificationEvaluator(), discovery], logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="6 unlabeled images left, fewer than the 12 asked for") as caught:
+        trainer.fit(model, data)
+    assert any("0 unlabeled images left, fewer than the 18" in str(w.message) for w in caught)
+    assert [(h["count"], h["labeled"]) for h in discovery.history] == [(6, 12), (6, 18), (0, 18)]
+    assert sorted(data.labeled_indices.tolist()) == list(range(18))  # the whole pool, each image once
+    assert model.num_classes == 3 and model.head.out_features == model.master.head.out_features == 3
+
+
+def test_a_class_count_that_contradicts_the_data_names_the_fix():
+    model = Snowball(backbone="small_cnn", in_chans=1, num_classes=12)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="10 training classes but model num_classes is 12: drop"):
+        trainer.fit(model, DigitsDataModule(protocol="semi", labels_per_class=3))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ from datamodules.digits import DigitsDataModule
 from lightning_modules.base import Schedule, ema_update
 from lightning_modules.semi import (
     SemiSupervised,
+    batch_cross_entropy,
     ema_decay_at,
     linear_rampup,
     mixup,
@@ -89,7 +91,7 @@ def test_teacher_and_master_are_outside_the_optimizer():
     names = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"trunk", "head"}
     assert [p.shape for p in model.teacher.parameters()] == [p.shape for p in model.student.parameters()]
-    two = SemiSupervised(backbone="small_cnn", in_chans=1, two_heads=True)
+    two = SemiSupervised(backbone="small_cnn", in_chans=1, num_classes=10, two_heads=True)
     logits, consistency = two.student(torch.randn(3, 1, 8, 8))
     assert logits.shape == consistency.shape == (3, 10) and not torch.equal(logits, consistency)
     with pytest.raises(ValueError, match="report_model 'master'"):
@@ -138,7 +140,7 @@ def random_batch(labeled: int = 4, unlabeled: int = 6) -> tuple[dict, dict]:
 ])
 def test_learner_steps_with_the_master_term(learner, two_heads, expected):
     torch.manual_seed(0)
-    model = Snowball(backbone="small_cnn", in_chans=1, learner=learner, two_heads=two_heads)
+    model = Snowball(backbone="small_cnn", in_chans=1, num_classes=10, learner=learner, two_heads=two_heads)
     labeled, unlabeled = random_batch()
     terms, student = model.learner_terms(labeled, unlabeled)
     assert (student is None) == (learner != "mean_teacher")
@@ -147,3 +149,60 @@ def test_learner_steps_with_the_master_term(learner, two_heads, expected):
     terms["loss"].backward()
     assert model.head.weight.grad is not None
     assert all(p.grad is None for p in [*model.teacher.parameters(), *model.master.parameters()])
+
+
+def test_mean_teacher_cross_entropy_is_divided_by_the_whole_batch():
+    # both MT codes: the labeled rows' summed cross-entropy over labeled + unlabeled rows
+    uniform = torch.zeros(2, 4)  # each row costs log 4
+    assert batch_cross_entropy(uniform, torch.tensor([0, 3]), 8).item() == pytest.approx(2 * math.log(4) / 8)
+    logits = torch.tensor([[math.log(3.0), 0.0]])  # p(class 0) = 0.75
+    assert batch_cross_entropy(logits, torch.tensor([0]), 4).item() == pytest.approx(-math.log(0.75) / 4)
+    with pytest.raises(ValueError, match="pass the whole batch"):
+        batch_cross_entropy(uniform, torch.tensor([0, 3]), 1)
+    model = SemiSupervised(backbone="small_cnn", in_chans=1, num_classes=10)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()  # every row's logits are 0: cross-entropy log 10 per labeled row
+    labeled, unlabeled = random_batch(labeled=4, unlabeled=6)
+    terms, _ = model.mean_teacher_terms(labeled, unlabeled)
+    assert terms["classification"].item() == pytest.approx(4 * math.log(10) / 10, rel=1e-6)
+
+
+def test_the_lr_warmup_runs_in_phase_0_only():
+    # phase 0 = 3 epochs with a 2-epoch warm-up, then iterations of 2 epochs that restart the cosine only
+    c = Curriculum(phase0_epochs=3, iteration_epochs=2, generations=1, iterations=2)
+    model = Snowball(backbone="small_cnn", in_chans=1, curriculum=c,
+                     schedule=Schedule(name="cosine", warmup_epochs=2))
+    factors = [model.lr_factor_at(e) for e in range(c.total_epochs)]
+    # phase 0: warm 1/2 x cos 1; cos(pi/3) -> 0.75; cos(2 pi/3) -> 0.25; each iteration: 1, cos(pi/2) -> 0.5
+    assert factors == pytest.approx([0.5, 0.75, 0.25, 1.0, 0.5, 1.0, 0.5])
+
+
+def test_a_split_seed_of_none_is_the_run_seed(monkeypatch):
+    """Spec §6: one seed changes the labeled subset and the initialisation (semi configs: split_seed null)."""
+    def labeled(**kwargs) -> list[int]:
+        return DigitsDataModule(protocol="semi", labels_per_class=5, **kwargs).labeled_indices.tolist()
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert labeled(split_seed=None) == labeled(split_seed=0)  # no seed_everything: seed 0
+    L.seed_everything(3)
+    assert labeled(split_seed=None) == labeled(split_seed=3)
+    L.seed_everything(4)
+    assert labeled(split_seed=None) == labeled(split_seed=4) != labeled(split_seed=3)
+
+
+def test_steps_per_epoch_sets_the_semi_epoch_length():
+    """MixMatch's epoch is 1,024 steps, not a pass over the unlabeled images: the pool is cycled to it."""
+    def lengths(**kwargs) -> tuple[int, int]:
+        loaders = DigitsDataModule(protocol="semi", labels_per_class=3, batch_size=64, labeled_batch_size=16,
+                                   **kwargs).train_dataloader()
+        return len(loaders["unlabeled"]), len(loaders["labeled"])
+
+    assert lengths() == (21, 21)  # (1,437 - 30) // 64: one pass
+    assert lengths(steps_per_epoch=50) == (50, 50)  # 3,200 draws from 1,407 images
+    loader = DigitsDataModule(protocol="semi", labels_per_class=3, batch_size=64, steps_per_epoch=50,
+                              num_views=1, train_transform="plain").train_dataloader()["unlabeled"]
+    seen = torch.cat([b["index"] for b in loader])
+    assert len(seen) == 3200 and len(set(seen.tolist())) == 1407  # every unlabeled image, then again
+    with pytest.raises(ValueError, match="steps_per_epoch 0"):
+        DigitsDataModule(protocol="semi", steps_per_epoch=0)

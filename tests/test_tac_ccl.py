@@ -14,11 +14,13 @@ from lightning_modules.backbones import build_backbone
 from lightning_modules.tac_ccl import (
     TACCCL,
     CrossPairs,
+    SecondView,
     TransformRanges,
     apply_homography,
     attention_consistency,
     cell_centers,
     contrastive_clustering_loss,
+    feature_similarity_loss,
     homography_from_points,
     keypoint_mask,
     match_in_batch,
@@ -49,6 +51,49 @@ def test_contrastive_clustering_loss_leaves_the_centres_alone():
     centers = torch.randn(5, 3, requires_grad=True)
     contrastive_clustering_loss(torch.randn(4, 3, requires_grad=True), centers).backward()
     assert centers.grad is None
+
+
+def test_feature_similarity_loss_squared_and_plain_norm_hand_computed():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    b = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    # pair 0: F - F' = (0.4, -0.8), |.|^2 = 0.8; pair 1 agrees: 0
+    assert feature_similarity_loss(a, b, "squared").item() == pytest.approx(0.4)
+    assert feature_similarity_loss(a, b, "norm").item() == pytest.approx(math.sqrt(0.8) / 2)
+    # the plain norm's gradient has length 1/2 (1/B) whatever the distance; the squared one shrinks with it
+    near = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    for distance, squared_grad in ((0.1, 0.2), (0.01, 0.02)):
+        feature_similarity_loss(near, torch.tensor([[1.0, distance]]), "norm").backward()
+        assert near.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+        near.grad = None
+        feature_similarity_loss(near, torch.tensor([[1.0, distance]]), "squared").backward()
+        assert near.grad.norm().item() == pytest.approx(squared_grad, rel=1e-5)
+        near.grad = None
+    with pytest.raises(ValueError, match="squared, norm"):
+        feature_similarity_loss(a, b, "cube")
+
+
+def test_tac_terms_average_self_and_cross_pairs_over_the_whole_batch():
+    model = TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8, cross=CrossPairs(sigma=100.0))
+    identity = torch.eye(3).repeat(4, 1, 1)
+    anchor = torch.zeros(4, 1, 2, 2)
+    second = torch.ones(4, 1, 2, 2)  # every pair differs by 1 in each of its 4 cells: 4 per pair
+    cross = torch.tensor([True, False, False, False])
+    points = torch.zeros(4, 1, 2)  # one keypoint in the middle; sigma 100 cells: the mask is ~1 everywhere
+    view = SecondView(torch.zeros(4, 1, 8, 8), identity, cross, points, points, torch.ones(4, 1))
+    terms = model.tac_terms(anchor, second, view)
+    # batch mean: the cross pair gives 4/4 = 1, the three self pairs 12/4 = 3 (not 4 and 4 over own pairs)
+    assert terms["tac_cross"].item() == pytest.approx(1.0, rel=1e-3)
+    assert terms["tac_self"].item() == pytest.approx(3.0)
+
+
+def test_training_step_forwards_both_views_in_one_batch():
+    model = TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8, memory_weight=0.0,
+                   cross=CrossPairs(probability=0.0))
+    model.set_pseudo_labels(torch.tensor([0, 0, 1, 1]), torch.randn(2, 8))
+    sizes = []
+    model.trunk.net.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0])))
+    loss = model.training_step({"views": [torch.randn(4, 1, 8, 8)], "index": torch.arange(4)}, 0)
+    assert torch.isfinite(loss) and sizes == [8]  # one trunk pass over anchor and second view together
 
 
 def test_multi_similarity_loss_hand_computed():
@@ -225,5 +270,5 @@ def test_googlenet_batchnorm_stays_frozen_across_a_fit_with_validation():
     assert probe.modes == [False, False]  # the second batch comes after a validation loop's train() call
     for bn, (mean, var, weight) in zip(bns, before):
         assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
-        assert torch.equal(bn.weight, weight)
+        assert not torch.equal(bn.weight, weight)  # statistics frozen, affine parameters train (spec §2.2)
     assert not torch.equal(model.attention.spatial.weight, attention_before)  # the rest trained

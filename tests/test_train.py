@@ -1,5 +1,9 @@
-"""The CLI end to end on digits: learning beats random init, W&B offline run, resume, NaN stop."""
+"""The CLI end to end on digits: learning beats random init, W&B offline run, resume (equal to an uninterrupted
+run; the command line wins; CSV and W&B history continue), NaN stop, an unwritable run directory, the
+errors a misspelt key or a failed weights load end in."""
+import csv
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -7,8 +11,10 @@ import pytest
 import torch
 
 from datamodules.digits import DigitsDataModule
-from experiments.train import RUN_DIR_ENV, last_checkpoint, main
+from experiments.seeds import TEST_BUDGET
+from experiments.train import RUN_DIR_ENV, WANDB_ID_FILE, SuiteCLI, last_checkpoint, main
 from lightning_modules.isif import ISIF
+from tests.wandb_records import records as wandb_records
 from tests.wandb_records import summary as wandb_summary
 
 CONFIGS = "experiments/configs"
@@ -22,17 +28,31 @@ def train(run_dir, *extra):
     return json.loads(Path(run_dir, "final_metrics.json").read_text())
 
 
+def written(offline_run: Path, timeout: float = 60) -> Path:
+    """The offline run once W&B's service process has written its exit record (it writes after finish()
+    returns; on a loaded machine the last summary records can land seconds later)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = next(offline_run.glob("run-*.wandb"), None)
+        if log and any(r.WhichOneof("record_type") == "exit" for r in wandb_records(log)):
+            return offline_run
+        time.sleep(0.5)
+    raise AssertionError(f"{offline_run}: no exit record after {timeout} s")
+
+
 def test_training_beats_random_init_and_writes_an_offline_wandb_run(tmp_path, monkeypatch):
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-    metrics = train(tmp_path / "run", "--trainer.max_epochs=3", "--run.logger=wandb")
+    metrics = train(tmp_path / "run", *TEST_BUDGET["isif"], "--run.logger=wandb")
     initial, final = metrics["initial"], metrics["final"]
-    assert final["val/knn_top1"] > initial["val/knn_top1"] + 5
-    assert final["val/recall@1"] > initial["val/recall@1"] + 2
+    # `python -m experiments.seeds --methods isif --budget test`, seeds 0-4 at 1 and 2 threads: worst gains
+    # kNN top-1 +21.1, NMI +23.0 (R@1 starts at 77-87 and gains only +6: too little headroom to assert on)
+    assert final["val/knn_top1"] > initial["val/knn_top1"] + 10
+    assert final["val/nmi"] > initial["val/nmi"] + 10
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert "class_path: lightning_modules.isif.ISIF" in (tmp_path / "run" / "config.yaml").read_text()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    summary = wandb_summary(runs[0])
+    summary = wandb_summary(written(runs[0]))
     for name, value in final.items():
         assert summary[name] == pytest.approx(value)
     assert summary["initial/knn_top1"] == pytest.approx(initial["val/knn_top1"])
@@ -50,23 +70,41 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert straight["final"] != straight["initial"]
 
 
-class NaNInSecondEpoch(ISIF):
+class NaNInEpoch(ISIF):
+    def __init__(self, nan_epoch: int, **kwargs):
+        super().__init__(**kwargs)
+        self.nan_epoch = nan_epoch
+
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        return loss * float("nan") if self.current_epoch == 1 else loss
+        return loss * float("nan") if self.current_epoch == self.nan_epoch else loss
+
+
+def fit_until_nan(tmp_path, nan_epoch: int) -> str:
+    L.seed_everything(0)
+    model = NaNInEpoch(nan_epoch, backbone="small_cnn", in_chans=1, embedding_dim=16)
+    checkpoint = last_checkpoint(str(tmp_path))
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[checkpoint], logger=False, enable_progress_bar=False, accelerator="cpu")
+    with pytest.raises(FloatingPointError) as stop:
+        trainer.fit(model, DigitsDataModule(batch_size=32, num_workers=0))
+    return str(stop.value)
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
-    L.seed_everything(0)
-    model = NaNInSecondEpoch(backbone="small_cnn", in_chans=1, embedding_dim=16)
-    checkpoint = last_checkpoint(str(tmp_path))
-    trainer = L.Trainer(max_epochs=3, limit_train_batches=2, num_sanity_val_steps=0, callbacks=[checkpoint],
-                        logger=False, enable_progress_bar=False, accelerator="cpu")
-    with pytest.raises(FloatingPointError, match="last good checkpoint"):
-        trainer.fit(model, DigitsDataModule(batch_size=32))
+    message = fit_until_nan(tmp_path, nan_epoch=1)
+    assert f"last good checkpoint is kept: {tmp_path / 'last.ckpt'}" in message
+    assert f"--ckpt_path={tmp_path / 'last.ckpt'}" in message
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert state["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_nan_loss_in_the_first_epoch_promises_no_checkpoint(tmp_path):
+    message = fit_until_nan(tmp_path, nan_epoch=0)
+    assert "No checkpoint was written" in message and "lower the learning rate" in message
+    assert "last.ckpt" not in message and "--ckpt_path" not in message
+    assert not (tmp_path / "last.ckpt").exists()
 
 
 def test_a_misspelt_config_key_is_rejected(tmp_path, capsys):
@@ -74,3 +112,95 @@ def test_a_misspelt_config_key_is_rejected(tmp_path, capsys):
         train(tmp_path / "bad", "--model.optim.lrr=0.01")
     assert "lrr" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+FAST = ["--trainer.limit_train_batches=3", "--evaluation.kmeans_restarts=1", "--data.init_args.num_workers=0"]
+
+
+def cli(run_dir, *extra) -> SuiteCLI:
+    return SuiteCLI(args=["fit", "--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/datasets/digits.yaml",
+                          "--config", f"{CONFIGS}/isif/digits.yaml", "--run.dir", str(run_dir),
+                          "--trainer.enable_progress_bar=false", *FAST, *extra])
+
+
+def test_resume_obeys_the_command_line_and_keeps_the_csv_history(tmp_path, monkeypatch, capsys):
+    """After a divergence the user resumes with a lower lr: the optimizer must train with it (Lightning
+    restores the checkpoint's param-group lr and scheduler base lrs), and metrics.csv keeps epoch 0."""
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    run = tmp_path / "run"
+    cli(run, "--trainer.max_epochs=1", "--run.logger=csv")
+    capsys.readouterr()
+    resumed = cli(run, "--trainer.max_epochs=2", "--run.logger=csv", "--model.optim.lr=0.003",
+                  f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert "model.optim.lr: 0.03 -> 0.003" in capsys.readouterr().out
+    optimizer = resumed.trainer.optimizers[0]
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.003)]
+    assert resumed.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(0.003)]
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    lr_by_epoch = {int(r["epoch"]): float(r["train/lr"]) for r in rows if r.get("train/lr")}
+    assert lr_by_epoch == {0: pytest.approx(0.03), 1: pytest.approx(0.003)}
+    assert {int(r["epoch"]) for r in rows if r.get("val/knn_top1")} == {0, 1}
+
+
+def test_a_resumed_wandb_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    run = tmp_path / "run"
+    cli(run, "--trainer.max_epochs=1", "--run.logger=wandb")
+    run_id = (run / WANDB_ID_FILE).read_text().strip()
+    cli(run, "--trainer.max_epochs=2", "--run.logger=wandb", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2
+    assert [p.name.rsplit("-", 1)[-1] for p in offline] == [run_id, run_id]
+
+
+def test_a_run_that_cannot_write_its_checkpoint_stops_before_training(tmp_path, monkeypatch):
+    """checkpoints/ is a regular file (chmod does not stop root, a file where a folder goes does)."""
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    with pytest.raises(OSError, match=r"cannot write the run's files to .*checkpoints.*pass a writable --run\.dir"):
+        cli(run, "--trainer.max_epochs=1", "--run.logger=csv")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # no training, no logs, no metrics
+
+
+@pytest.mark.parametrize(("flag", "suggestion"), [
+    ("--model.optim.lrr=0.01", "--model.optim.lrr is not a key of ISIF; did you mean --model.optim.lr?"),
+    ("--model.tempreature=0.2", "did you mean --model.temperature?"),
+    ("--data.batchsize=32", "--data.batchsize is not a key of DigitsDataModule; did you mean --data.batch_size"),
+    ("--evaluation.knnk=3", "--evaluation.knnk: did you mean --evaluation.knn_k?"),
+])
+def test_a_misspelt_key_ends_with_the_closest_valid_ones(tmp_path, capsys, flag, suggestion):
+    with pytest.raises(SystemExit):
+        train(tmp_path / "bad", flag)
+    err = capsys.readouterr().err
+    assert suggestion in err.strip().splitlines()[-1]
+    assert "usage:" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_backbone_weights_failure_is_the_error_the_user_sees(tmp_path):
+    """The backbone builds inside jsonargparse's instantiation, which buried its message under "does not
+    validate against any of the Union subtypes"; the error raised is now the backbone's own."""
+    with pytest.raises(ValueError, match="no published pretrained weights") as failure:
+        train(tmp_path / "run", "--model.pretrained=true")
+    assert "--model.weights=" in str(failure.value)
+    assert "Union" not in str(failure.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_or_hostile_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    with pytest.raises(SystemExit):
+        train(tmp_path / "missing", f"--ckpt_path={tmp_path / 'nowhere.ckpt'}")
+    assert "nowhere.ckpt: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    torch.save({"epoch": 0, "state_dict": {}, "payload": Payload()}, tmp_path / "hostile.ckpt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        train(tmp_path / "run", "--run.logger=none", f"--ckpt_path={tmp_path / 'hostile.ckpt'}", *FAST)
+    assert not (tmp_path / "pwned").exists()

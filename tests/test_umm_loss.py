@@ -1,13 +1,17 @@
 """UMM's pure pieces against independent computations (spec §12): Eq. 5-7 by explicit sums, the KL by
 torch.distributions, histogram AP by brute-force ranking, and gradients through the sampling."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.distributions import Independent, Normal, kl_divergence
 
+from datamodules.digits import DigitsDataModule
 from lightning_modules.heads import GaussianHead, l2_normalize
 from lightning_modules.umm import (
+    UMM,
     distribution_consistency_loss,
     histogram_average_precision,
     ranking_loss,
@@ -52,8 +56,53 @@ def test_consistency_equals_the_closed_form_kl_both_ways():
     p = Independent(Normal(mu1, torch.exp(0.5 * logvar1)), 1)
     q = Independent(Normal(mu2, torch.exp(0.5 * logvar2)), 1)
     expected = (kl_divergence(p, q) + kl_divergence(q, p)).mean()
-    assert distribution_consistency_loss(mu1, logvar1, mu2, logvar2).item() == pytest.approx(expected.item(), rel=1e-5)
+    summed = distribution_consistency_loss(mu1, logvar1, mu2, logvar2, reduction="sum")
+    assert summed.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distribution_consistency_loss(mu1, logvar1, mu2, logvar2).item() == pytest.approx(expected.item() / 6,
+                                                                                              rel=1e-5)
     assert distribution_consistency_loss(mu1, logvar1, mu1, logvar1).item() == 0.0
+
+
+def test_consistency_reductions_by_hand_on_two_instances_in_three_dimensions():
+    """Instance 1: unit variances, means e1 vs e2: ½ Σ_d 2 Δ_d² = 2. Instance 2: equal means, σ'² = (2, 1, ½):
+    ½ Σ_d (r + 1/r - 2) = ½ (½ + 0 + ½) = ½. Sum over D, mean over instances: 5/4; mean over D too: 5/12."""
+    mu1 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    mu2 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    logvar1 = torch.zeros(2, 3)
+    logvar2 = torch.tensor([[0.0, 0.0, 0.0], [math.log(2.0), 0.0, -math.log(2.0)]])
+    assert distribution_consistency_loss(mu1, logvar1, mu2, logvar2).item() == pytest.approx(5 / 12, rel=1e-6)
+    assert distribution_consistency_loss(mu1, logvar1, mu2, logvar2, "sum").item() == pytest.approx(5 / 4, rel=1e-6)
+    with pytest.raises(ValueError, match="mean, sum"):
+        distribution_consistency_loss(mu1, logvar1, mu2, logvar2, "batchmean")
+    with pytest.raises(ValueError, match="mean, sum"):
+        UMM(backbone="small_cnn", in_chans=1, consistency_reduction="none")
+
+
+@pytest.mark.parametrize("protocol", ["cifar10", "stl10"])
+def test_paper_lambda_n_weighs_like_ls_and_lr_at_initialisation(protocol):
+    """The issue: with L_N summed over D = 128, the paper's λ_N = 10 put λ_N L_N at ~1,400 here at random
+    init against L_S ≈ log n ≈ 5 and λ_R L_R ≈ 7, so σ² ran to its clamp. The default (mean over D) must bring it
+    within an order of magnitude of both; "sum" is exactly D times larger and is not. The model is the
+    shipped config's (τ, λ's, D, k, heads) on a digits batch of the config's size (in_chans = 1)."""
+    config = yaml.safe_load(Path(f"experiments/configs/umm/{protocol}.yaml").read_text())
+    args = {k: v for k, v in config["model"]["init_args"].items()
+            if k not in ("optim", "schedule", "gather_negatives")}  # no Trainer, so no DDP gather
+    assert args.pop("consistency_reduction") == "mean" and args["lambda_n"] == 10.0 and args["embedding_dim"] == 128
+    dm = DigitsDataModule(batch_size=config["data"]["init_args"]["batch_size"], num_workers=0)
+    dm.setup("fit")
+    v1, v2 = next(iter(dm.train_dataloader()))["views"][:2]
+    terms = {}
+    for reduction in ("mean", "sum"):
+        torch.manual_seed(0)
+        model = UMM(**args, in_chans=1, consistency_reduction=reduction, gather_negatives=False)
+        with torch.no_grad():
+            terms[reduction] = {k: v.item() for k, v in model.loss_terms(v1, v2)[0].items()}
+    lam_n, lam_r = args["lambda_n"], args["lambda_r"]
+    new, old = terms["mean"], terms["sum"]
+    assert old["consistency"] == pytest.approx(128 * new["consistency"], rel=1e-5)
+    for reference in (new["set_softmax"], lam_r * new["ranking"]):
+        assert 0.1 < lam_n * new["consistency"] / reference < 10
+    assert lam_n * old["consistency"] > 10 * max(old["set_softmax"], lam_r * old["ranking"])
 
 
 def brute_force_ap(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,16 @@ class Scoreboard(L.Callback):
         pl_module.log_dict(self.latest, sync_dist=False, rank_zero_only=False)
         pl_module.log_dict({f"best/{k[4:]}": v for k, v in self.best.items()}, sync_dist=False)
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """`final` is the last epoch's metrics (and `nmi: last` runs there): refuse a schedule whose last
+        epoch is not validated."""
+        every, last = trainer.check_val_every_n_epoch, trainer.max_epochs
+        if trainer.enable_validation and trainer.max_steps == -1 and every and last and last > 0 and last % every:
+            raise ValueError(f"max_epochs {last} is not a multiple of check_val_every_n_epoch {every}: the last "
+                             f"validation would be epoch {last - last % every}, not the last epoch, so 'final' "
+                             f"would not be the final model. Set --trainer.max_epochs "
+                             f"{last - last % every or every} or --trainer.check_val_every_n_epoch 1")
+
     def state_dict(self) -> dict:
         return {"initial": self.initial, "latest": self.latest, "best": self.best}
 
@@ -139,14 +149,6 @@ class EmbeddingEvaluator(Scoreboard):
             out.update({f"val/nmi_{average}": value for average, value in scores.items()})
         return out
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        every = trainer.check_val_every_n_epoch
-        epochs = trainer.max_epochs
-        if self.nmi == "last" and trainer.max_steps == -1 and every and epochs not in (None, -1) and epochs % every:
-            raise ValueError(f"evaluation.nmi=last needs a validation at the last epoch, but max_epochs "
-                             f"{trainer.max_epochs} is not a multiple of check_val_every_n_epoch {every}: "
-                             "change one of them, or set --evaluation.nmi=true")
-
     def runs_nmi(self, trainer) -> bool:
         """Whether this validation computes NMI: always with nmi=true; with nmi="last" in the random-init
         pass, outside fit (trainer.validate) and at the validation that ends training."""
@@ -209,14 +211,6 @@ class ClassificationEvaluator(Scoreboard):
         self.role, self.median_window = role, median_window
         self.errors: list[float] = []  # the last median_window val/error values
         self._buffers: list[dict] = []
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        every, last = trainer.check_val_every_n_epoch, trainer.max_epochs
-        if trainer.enable_validation and every and last and last > 0 and last % every:
-            raise ValueError(f"max_epochs {last} is not a multiple of check_val_every_n_epoch {every}: the last "
-                             f"validation would be epoch {last - last % every}, not the last epoch, so val/error "
-                             f"'final' would not be the final model. Set --trainer.max_epochs "
-                             f"{last - last % every or every} or --trainer.check_val_every_n_epoch 1")
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._buffers = []

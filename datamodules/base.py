@@ -305,12 +305,10 @@ class EmbeddingDataModule(L.LightningDataModule):
             self.mean = tuple(mean) if mean is not None else self.mean
             self.std = tuple(std) if std is not None else self.std
         self._requested_normalization = (mean, std)  # what the user passed, checked against a backbone's
-        self._transform_args = (train_transform, eval_transform, image_size, tuple(drop_ops))
+        self._presets = (train_transform, eval_transform, tuple(drop_ops))
         self.image_size = image_size
         self.resize_size = resize_size
-        self.train_transform = build_transform(train_transform, image_size, self.mean, self.std, drop_ops,
-                                               resize=resize_size)
-        self.eval_transform = build_transform(eval_transform, image_size, self.mean, self.std, resize=resize_size)
+        self._build_transforms()
         self.splits: dict[str, Records] | None = None
         self.pseudo_labels: np.ndarray | None = None
         self._pk_sampler: PKSampler | None = None
@@ -408,9 +406,15 @@ class EmbeddingDataModule(L.LightningDataModule):
                                  f"expect mean {list(mean)}, std {list(std)} (set by the backbone itself); drop "
                                  "--data.mean / --data.std (and the config's mean:/std: lines)")
         self.mean, self.std = mean, std
-        train, evaluation, size, drop_ops = self._transform_args
-        self.train_transform = build_transform(train, size, mean, std, drop_ops, resize=self.resize_size)
-        self.eval_transform = build_transform(evaluation, size, mean, std, resize=self.resize_size)
+        self._build_transforms()
+
+    def _build_transforms(self) -> None:
+        """The train and eval transforms from the presets, image_size, resize_size and mean / std."""
+        train, evaluation, drop_ops = self._presets
+        self.train_transform = build_transform(train, self.image_size, self.mean, self.std, drop_ops,
+                                               resize=self.resize_size)
+        self.eval_transform = build_transform(evaluation, self.image_size, self.mean, self.std,
+                                              resize=self.resize_size)
 
     # -- pseudo labels (P x K sampling) ------------------------------------------------------------
     def set_pseudo_labels(self, labels) -> None:

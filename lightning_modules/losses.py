@@ -26,3 +26,34 @@ def log1mexp(logp: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(logp)) for logp <= 0, accurate at both ends (Maechler 2012); P clamped below 1."""
     logp = logp.clamp(max=LOG_ONE_MINUS_EPS)
     return torch.where(logp > -math.log(2), torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
+
+
+def _multi_similarity():
+    """pytorch-metric-learning's MS loss and miner, imported on first use (the import costs a second)."""
+    from pytorch_metric_learning import losses, miners
+
+    return losses, miners
+
+
+@fp32
+def multi_similarity_loss(query: torch.Tensor, query_labels: torch.Tensor, keys: torch.Tensor | None = None,
+                          key_labels: torch.Tensor | None = None, alpha: float = 2.0, beta: float = 40.0,
+                          threshold: float = 0.5, margin: float = 0.1) -> torch.Tensor:
+    """Multi-Similarity loss with its hard mining (Wang et al. 2019): pytorch-metric-learning's
+    `MultiSimilarityMiner(epsilon=margin)` and `MultiSimilarityLoss(alpha, beta, base=threshold)`, mean over
+    the B queries (an anchor the miner leaves without pairs counts as 0, as in the MS code).
+
+    `keys=None`: the keys are the queries themselves (the batch term; i is not its own positive). Otherwise
+    the keys are a memory (cross-batch memory: no diagonal to exclude).
+
+    The library's per-anchor math is called below its `forward`, whose guard returns a zero loss whenever at
+    most one positive and one negative pair were mined: a real anchor pair would train nothing.
+    """
+    losses, miners = _multi_similarity()
+    loss = losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=threshold)
+    mined = miners.MultiSimilarityMiner(epsilon=margin)(query, query_labels, keys, key_labels)
+    sim = loss.distance(query, query if keys is None else keys)
+    positive, negative = torch.zeros_like(sim), torch.zeros_like(sim)
+    positive[mined[0], mined[1]] = 1
+    negative[mined[2], mined[3]] = 1
+    return loss._compute_loss(sim, positive, negative)["loss"]["losses"].mean()

@@ -32,37 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.base import EmbeddingModule
-from lightning_modules.losses import fp32
+from lightning_modules.losses import fp32, multi_similarity_loss
 
 HOMOGRAPHY_KINDS = ("crop", "zoom", "rotation", "perspective")
 
 
 # -- losses ----------------------------------------------------------------------------------------
-@fp32
-def multi_similarity_loss(query: Tensor, query_labels: Tensor, keys: Tensor, key_labels: Tensor,
-                          exclude_diagonal: bool = False, alpha: float = 2.0, beta: float = 40.0,
-                          threshold: float = 0.5, margin: float = 0.1) -> Tensor:
-    """MS loss with its hard mining (Wang et al. 2019), vectorised over a (B, Q) similarity matrix.
-
-    A positive is kept when s_p - margin < the hardest negative, a negative when s_n + margin > the
-    hardest positive; anchors left without either are skipped but still count in the 1/B (MS code).
-    `exclude_diagonal`: keys are the queries themselves (the batch term), so i is not its own positive.
-    """
-    sim = query @ keys.T
-    positive = query_labels[:, None] == key_labels[None, :]
-    if exclude_diagonal:
-        positive &= ~torch.eye(len(query), dtype=torch.bool, device=query.device)
-    negative = query_labels[:, None] != key_labels[None, :]
-    hardest_positive = sim.masked_fill(~positive, math.inf).amin(1, keepdim=True)
-    hardest_negative = sim.masked_fill(~negative, -math.inf).amax(1, keepdim=True)
-    kept_positive = positive & (sim - margin < hardest_negative)
-    kept_negative = negative & (sim + margin > hardest_positive)
-    pull = torch.log1p(torch.where(kept_positive, torch.exp(-alpha * (sim - threshold)), 0.0).sum(1)) / alpha
-    push = torch.log1p(torch.where(kept_negative, torch.exp(beta * (sim - threshold)), 0.0).sum(1)) / beta
-    used = kept_positive.any(1) & kept_negative.any(1)
-    return torch.where(used, pull + push, 0.0).sum() / len(query)
-
-
 def _distances(x: Tensor, centers: Tensor) -> Tensor:
     """Euclidean distances (B, K) with a clamped square root: cdist's backward is NaN at distance 0."""
     squared = x.square().sum(1, keepdim=True) + centers.square().sum(1) - 2 * x @ centers.T
@@ -585,7 +560,7 @@ class TACCCL(EmbeddingModule):
         else:
             z, attention, _ = self.attend(images)
             z = z.float()
-        terms = {"ms": multi_similarity_loss(z, labels, z, labels, exclude_diagonal=True, **self.ms)}
+        terms = {"ms": multi_similarity_loss(z, labels, **self.ms)}
         loss = terms["ms"]
         if self.memory_weight:
             terms["ms_memory"] = multi_similarity_loss(z, labels, self.memory_embedding,

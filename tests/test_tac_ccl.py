@@ -11,6 +11,7 @@ from torch import nn
 from callbacks.pseudo_labels import KMeansPseudoLabels
 from datamodules.base import EmbeddingDataModule, Records
 from lightning_modules.backbones import build_backbone
+from lightning_modules.losses import multi_similarity_loss
 from lightning_modules.tac_ccl import (
     TACCCL,
     CrossPairs,
@@ -24,7 +25,6 @@ from lightning_modules.tac_ccl import (
     homography_from_points,
     keypoint_mask,
     match_in_batch,
-    multi_similarity_loss,
     ransac_affine,
     sample_homographies,
     warp,
@@ -103,7 +103,7 @@ def test_multi_similarity_loss_hand_computed():
     z = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
     labels = torch.tensor([0, 0, 1])
     expected = (0.5 * math.log1p(math.exp(-0.2)) + math.log1p(math.exp(12.0)) / 40) / 3
-    loss = multi_similarity_loss(z, labels, z, labels, exclude_diagonal=True)
+    loss = multi_similarity_loss(z, labels)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 

@@ -11,7 +11,7 @@ RUN_DIR ?= runs/$(METHOD)-$(DATASET)$(if $(VARIANT),-$(VARIANT))-$(shell date +%
 CONFIGS := experiments/configs
 ARGS ?=
 
-.PHONY: install train test bench seeds compare lint clean
+.PHONY: install train test bench seeds compare reproduce sweep lint clean
 
 install: $(STAMP)
 
@@ -31,7 +31,21 @@ train: $(STAMP)
 		--run.method $(METHOD) --run.dataset $(DATASET) --run.variant "$(VARIANT)" $(ARGS)
 
 compare: $(STAMP)
-	$(PY) -m experiments.compare $(or $(RUNS),runs/*)
+	$(PY) -m experiments.compare $(or $(RUNS),runs/*) $(ARGS)
+
+# `make reproduce METHOD=isif TABLE=table8-digits`: every row of experiments/tables/<METHOD>-<TABLE>.yaml, then
+# the table against the paper. DRY_RUN=1 prints the commands, SWEEP=1 a W&B grid, ROWS="full hard" a part,
+# OUT=dir the folder (rows already there are kept), ARGS=... flags for every row.
+TABLE ?=
+reproduce: $(STAMP)
+	@test -n "$(TABLE)" || { echo "give TABLE=<id>; tables:"; ls experiments/tables | sed 's/.yaml$$//'; exit 2; }
+	$(PY) -m experiments.reproduce $(METHOD) $(TABLE) --logger $(LOGGER) $(if $(OUT),--out $(OUT)) \
+		$(if $(ROWS),--rows $(ROWS)) $(if $(DRY_RUN),--dry-run) $(if $(SWEEP),--sweep) $(if $(ARGS),-- $(ARGS))
+
+# `make sweep METHOD=umm DATASET=cub`: creates the W&B sweep experiments/sweeps/<METHOD>_<DATASET>.yaml (or the
+# digits one with its configs pointed at DATASET) and starts an agent; DRY_RUN=1 prints a few sampled trials.
+sweep: $(STAMP)
+	$(PY) -m experiments.sweep $(METHOD) $(DATASET) $(if $(DRY_RUN),--dry-run) $(if $(COUNT),--count $(COUNT)) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

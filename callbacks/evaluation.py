@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks import metrics
+from callbacks.refine import refined_recall_at_k
 
 
 def deduplicate(embedding: torch.Tensor, target: torch.Tensor, index: torch.Tensor):
@@ -93,6 +94,7 @@ class EmbeddingEvaluator(Scoreboard):
     Args:
       recall_ks: K list for Recall@K (CUB/Cars 1,2,4,8; SOP 1,10,100; In-Shop 1,10,20,30,40,50).
       knn_k, knn_temperature: weighted kNN (k = 200, weights exp(s / 0.1), NPID/ISIF rule).
+      knn_extra_ks: more k's for the same vote, logged as val/knn_top1@k (EIR Table 2: k = 5, 20).
       nmi: run k-means on the query embeddings (one cluster per class) and report NMI: true (every
         validation), false, or "last" (the random-init pass and the final validation only: SOP's
         11,316-cluster k-means is too costly to run at every validation).
@@ -100,11 +102,16 @@ class EmbeddingEvaluator(Scoreboard):
         0.22) or "geometric" (ISIF era); both are logged as val/nmi_<average> from the same clustering.
       kmeans_restarts, seed: k-means restarts and seed, set explicitly so NMI is reproducible.
       backend: "auto" (faiss, on GPU when present) or "torch".
+      refine_m, refine_alpha, refine_lambda, refine_max_sweeps: test-time refinement (ROUL, callbacks.refine):
+        each query's top-M re-ranked by the module's predicted relative orders (`predict_orders` on the
+        "order_feature" its validation_step returns), reported as val/recall@K_refined beside val/recall@K;
+        refine_m 0 = off.
     """
 
     def __init__(self, recall_ks: Sequence[int] = (1, 2, 4, 8), knn_k: int = 200, knn_temperature: float = 0.1,
                  nmi: bool | Literal["last"] = True, nmi_average: str = "arithmetic", kmeans_restarts: int = 10,
-                 seed: int = 0, backend: str = "auto"):
+                 seed: int = 0, backend: str = "auto", knn_extra_ks: Sequence[int] = (), refine_m: int = 0,
+                 refine_alpha: float = 10.0, refine_lambda: float = 1.0, refine_max_sweeps: int | None = None):
         if nmi_average not in metrics.NMI_AVERAGES:
             raise ValueError(f"nmi_average {nmi_average!r}: use arithmetic or geometric")
         if nmi not in (True, False, "last"):
@@ -112,7 +119,10 @@ class EmbeddingEvaluator(Scoreboard):
                              "final validation only)")
         self.recall_ks, self.knn_k, self.knn_temperature = list(recall_ks), knn_k, knn_temperature
         self.nmi, self.nmi_average, self.kmeans_restarts = nmi, nmi_average, kmeans_restarts
-        self.seed, self.backend = seed, backend
+        self.seed, self.backend, self.knn_extra_ks = seed, backend, list(knn_extra_ks)
+        if refine_m == 1 or refine_m < 0:
+            raise ValueError(f"refine_m {refine_m}: use 0 (no refinement) or a top-M list of M >= 2")
+        self.refine = {"m": refine_m, "alpha": refine_alpha, "lam": refine_lambda, "max_sweeps": refine_max_sweeps}
         super().__init__()
         self._buffers: dict[int, list[dict]] = {}
 
@@ -121,12 +131,30 @@ class EmbeddingEvaluator(Scoreboard):
         self._buffers = {}
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._buffers.setdefault(dataloader_idx, []).append({k: outputs[k].detach() for k in
-                                                             ("embedding", "target", "index")})
+        keys = ("embedding", "target", "index") + (("order_feature",) if "order_feature" in outputs else ())
+        self._buffers.setdefault(dataloader_idx, []).append({k: outputs[k].detach() for k in keys})
 
     def _collect(self, pl_module, dataloader_idx: int):
         parts = self._buffers.get(dataloader_idx, [])
         return gather_unique(pl_module, *(torch.cat([p[k] for p in parts]) for k in ("embedding", "target", "index")))
+
+    def _order_features(self, pl_module, dataloader_idx: int) -> torch.Tensor:
+        """The role's "order_feature" rows, gathered and deduplicated like its embeddings."""
+        parts = self._buffers.get(dataloader_idx, [])
+        if not parts or "order_feature" not in parts[0] or not hasattr(pl_module, "predict_orders"):
+            raise ValueError("evaluation.refine_m > 0 needs a module whose validation_step returns "
+                             "'order_feature' and that has predict_orders (lightning_modules.roul.ROUL); set "
+                             "--evaluation.refine_m=0 for other methods")
+        index = torch.cat([p["index"] for p in parts])
+        return gather_unique(pl_module, torch.cat([p["order_feature"] for p in parts]), index, index)[0]
+
+    def refined_scores(self, pl_module, sets: dict, features: dict[str, torch.Tensor]) -> dict[str, float]:
+        """val/recall@K_refined: Recall@K after re-ranking each query's top-M (callbacks.refine)."""
+        gallery = sets.get("gallery", (None, None))
+        recalls = refined_recall_at_k(*sets["query"], features["query"], self.recall_ks, pl_module.predict_orders,
+                                      self.refine["m"], self.refine["alpha"], self.refine["lam"], *gallery,
+                                      features.get("gallery"), self.refine["max_sweeps"])
+        return {f"val/recall@{k}_refined": v for k, v in recalls.items()}
 
     # -- scoring --------------------------------------------------------------------------------
     def score(self, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], nmi: bool | None = None) -> dict[str, float]:
@@ -138,6 +166,9 @@ class EmbeddingEvaluator(Scoreboard):
             ref_emb, ref_target = sets["reference"]
             out["val/knn_top1"] = metrics.weighted_knn_top1(query_emb, query_target, ref_emb, ref_target,
                                                             k=self.knn_k, temperature=self.knn_temperature)
+            for k in self.knn_extra_ks:
+                out[f"val/knn_top1@{k}"] = metrics.weighted_knn_top1(query_emb, query_target, ref_emb, ref_target,
+                                                                     k=k, temperature=self.knn_temperature)
         if self.recall_ks:
             gallery = sets.get("gallery", (None, None))
             recalls = metrics.recall_at_k(query_emb, query_target, self.recall_ks, *gallery)
@@ -164,6 +195,12 @@ class EmbeddingEvaluator(Scoreboard):
             complete &= len(index) == len(trainer.val_dataloaders[i].dataset)
             sets[role] = (emb, target)
         nmi = self.runs_nmi(trainer)
+        if self.refine["m"] and self.recall_ks:
+            features = {role: self._order_features(pl_module, i) for i, role in enumerate(roles)
+                        if role in ("query", "gallery")}
+            self.record(trainer, pl_module, lambda: {**self.score(sets, nmi),
+                                                     **self.refined_scores(pl_module, sets, features)}, complete)
+            return
         self.record(trainer, pl_module, lambda: self.score(sets, nmi), complete)
 
 

@@ -6,10 +6,16 @@ whole training split from one model (default the master, eval mode, no augmentat
 the current labeled set (Eq. 2.8), every remaining unlabeled image labeled by its nearest centre, and
 the N closest added (N = the labeled set's size, so it doubles). The pure functions at the top (centres,
 distances, fusion, selection) are what LMCS's critical sample discovery reuses.
+
+`CriticalSampleDiscovery` is LMCS's (chapter 3, §3.3.3, spec §3.5-3.6): once per generation, the
+candidates confined to the rho N nearest to a labeled class centre, a rank-weighted soft-label vote over
+the labeled images (Eqs. 3.10-3.11), the N of highest vote entropy (Eq. 3.12) with the voted hard label;
+they go to the look-ahead set the master trains on, and to the student's labeled set one generation later.
 """
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +32,9 @@ RULES = ("min", "max", "random", "min_then_max")
 FUSIONS = ("none", "avg_distance", "cascade", "avg_rank")
 SELECTORS = ("center_distance", "softmax_confidence")
 CENTERS_FROM = ("current", "original")
+CRITICAL_MODES = ("confined_max_entropy", "confined_min_entropy", "unconfined_max_entropy",
+                  "unconfined_min_entropy", "min_distance", "none")
+LABEL_RULES = ("soft_argmax", "nearest_center", "agree_only")
 
 
 # -- pure pieces -------------------------------------------------------------------------------------
@@ -115,6 +124,76 @@ def select_per_class(scores: Tensor, labels: Tensor, count: int, num_classes: in
         members = torch.nonzero(labels == c).flatten()
         picks.append(members[select(scores[members], quota, **rule)])
     return torch.cat(picks)
+
+
+def rank_weights(distances: Tensor, beta: float) -> Tensor:
+    """Eq. 3.10 per row: W = beta / (beta + R / n), R the 1-based ascending rank of each of the n
+    reference distances (ties in column order): a weight of rank only, never of the distance values."""
+    n = distances.shape[1]
+    ranks = torch.sort(distances, dim=1, stable=True).indices.argsort(dim=1) + 1
+    return beta / (beta + ranks.to(distances.dtype) / n)
+
+
+def rank_weighted_vote(distances: Tensor, reference_labels: Tensor, num_classes: int, beta: float) -> Tensor:
+    """Eq. 3.11: (N, C) soft labels, each row the rank-weighted vote of the reference images' classes."""
+    weights = rank_weights(distances, beta)
+    votes = weights @ F.one_hot(reference_labels, num_classes).to(weights.dtype)
+    return votes / weights.sum(dim=1, keepdim=True)
+
+
+def entropy_bits(probs: Tensor) -> Tensor:
+    """Eq. 3.12: -sum_l p_l log2 p_l per row (0 log 0 = 0)."""
+    return -torch.special.xlogy(probs, probs).sum(dim=1) / math.log(2.0)
+
+
+def critical_select(candidates: Tensor, reference: Tensor, reference_labels: Tensor, num_classes: int,
+                    count: int, mode: str = "confined_max_entropy", pool_factor: int = 10,
+                    beta: float | None = None, label_rule: str = "soft_argmax",
+                    per_class_quota: bool = False) -> dict[str, Tensor]:
+    """LMCS's confined maximum-entropy search over candidate features (spec §3.5). Returns "picked"
+    (positions into `candidates`), "label", and per pick "distance" (to the nearest centre) and "entropy".
+
+    confined_*: the pool_factor * count candidates nearest to a class centre of `reference` (Eq. 3.9, Delta
+    set by quantile); unconfined_*: all. *_max_entropy / *_min_entropy: the count of highest / lowest
+    entropy of the rank-weighted vote (beta: Eq. 3.10's, None = 1 / C), ties to the smaller distance.
+    min_distance: the count nearest to a centre, labeled by it (Snowball's rule). label_rule: soft_argmax
+    (the vote's argmax, Fig. 3.5), nearest_center (Eq. 3.8), agree_only (only picks where both agree,
+    refilled down the entropy order). per_class_quota: at most count // C picks per assigned label, taken
+    down the same order (not in the chapter: a guard against the class imbalance of the picks).
+    """
+    if mode not in CRITICAL_MODES or mode == "none":
+        raise ValueError(f"mode {mode!r}: use one of {CRITICAL_MODES[:-1]}")
+    if label_rule not in LABEL_RULES:
+        raise ValueError(f"label_rule {label_rule!r}: use one of {LABEL_RULES}")
+    beta = 1.0 / num_classes if beta is None else beta
+    centre_label, distance = nearest_center(center_distances(candidates, class_centers(reference, reference_labels,
+                                                                                        num_classes)))
+    by_distance = select(distance, len(distance), "min")  # every candidate, nearest first
+    if mode == "min_distance":
+        picked = by_distance[:count]
+        votes = rank_weighted_vote(_exact_cdist(candidates[picked], reference), reference_labels, num_classes, beta)
+        return {"picked": picked, "label": centre_label[picked], "distance": distance[picked],
+                "entropy": entropy_bits(votes)}
+    pool = by_distance[: pool_factor * count] if mode.startswith("confined") else by_distance
+    votes = rank_weighted_vote(_exact_cdist(candidates[pool], reference), reference_labels, num_classes, beta)
+    entropy = entropy_bits(votes)
+    sign = -1.0 if mode.endswith("max_entropy") else 1.0
+    order = torch.sort(sign * entropy, stable=True).indices  # pool is nearest-first: ties to the smaller d
+    voted = votes.argmax(dim=1)
+    label = centre_label[pool] if label_rule == "nearest_center" else voted
+    if label_rule == "agree_only":
+        order = order[(voted == centre_label[pool])[order]]
+    if per_class_quota:  # keep each pick whose label has fewer than count // C before it in the order
+        onehot = F.one_hot(label[order], num_classes)
+        order = order[(onehot.cumsum(dim=0) * onehot).sum(dim=1) <= count // num_classes]
+    order = order[:count]
+    return {"picked": pool[order], "label": label[order], "distance": distance[pool[order]],
+            "entropy": entropy[order]}
+
+
+def _exact_cdist(a: Tensor, b: Tensor) -> Tensor:
+    """Euclidean distances without the matmul expansion, so ranks do not depend on the batch layout."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def discovery_count(wanted: int, left: int, when: tuple[int, int]) -> int:
@@ -240,7 +319,7 @@ class ConfidentSampleDiscovery(L.Callback):
                     len(dm.labeled_indices), num_classes)
 
     def record(self, trainer, when: tuple[int, int, int], chosen: Tensor, labels: Tensor, truth: Tensor,
-               labeled: int, num_classes: int) -> None:
+               labeled: int, num_classes: int, extra: dict[str, float] | None = None) -> None:
         generation, iteration, epoch = when
         known = truth[chosen] >= 0
         wrong = labels[known] != truth[chosen][known]
@@ -248,9 +327,10 @@ class ConfidentSampleDiscovery(L.Callback):
         self.history.append({"generation": generation, "iteration": iteration, "epoch": epoch,
                              "count": len(chosen), "labeled": labeled, "error": error,
                              "class_counts": torch.bincount(labels, minlength=num_classes).tolist(),
-                             "index": chosen.tolist(), "label": labels.tolist()})
+                             "index": chosen.tolist(), "label": labels.tolist(), **(extra or {})})
         metrics = {"discovery/count": float(len(chosen)), "discovery/labeled": float(labeled),
-                   "discovery/generation": float(generation), "discovery/iteration": float(iteration)}
+                   "discovery/generation": float(generation), "discovery/iteration": float(iteration),
+                   **{f"discovery/{k}": float(v) for k, v in (extra or {}).items()}}
         if error is not None:
             metrics["discovery/error"] = error
         rank_zero_info(f"discovery (generation {generation}, iteration {iteration}, before epoch {epoch}): "
@@ -269,3 +349,85 @@ class ConfidentSampleDiscovery(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
         self.feature_bank = list(state_dict["feature_bank"])
+
+
+class CriticalSampleDiscovery(ConfidentSampleDiscovery):
+    """LMCS's critical sample discovery with look-ahead, once per generation of `pl_module.curriculum`
+    (iterations = 1), on a module whose datamodule has a look-ahead set (`enable_lookahead`).
+
+    At generation g: the previous generation's discoveries U_(g-1) join the student's labeled set
+    (`add_labeled`), then U_g is found and becomes the look-ahead set (`set_lookahead`) the master trains
+    on, so the master sees it one generation before the student (spec §3.6). The labeled set never resets
+    (Eq. 3.13). N_g = the master's set size (it doubles), capped so that it never exceeds max_ratio x the
+    original labels (R_L) nor the candidates left; num_discovered fixes N instead (Table 3.8's one shot).
+
+    feature_model: student (line 679) | teacher (the EMA student).
+    mode: confined_max_entropy (the method) | confined_min_entropy | unconfined_max_entropy |
+      unconfined_min_entropy | min_distance (Table 3.8) | none (no discovery: Table 3.10's "w/o CSD").
+    pool_factor: rho, the confined set's size over N (Delta by quantile, spec §3.5 REC).
+    beta: Eq. 3.10's; None = 1 / C (spec REC).
+    reference: original (the drawn labels, Eqs. 3.8 / 3.10) | current (the student's labeled set).
+    label_rule: soft_argmax | nearest_center | agree_only (spec §3.5.7).
+    lookahead: false gives the discoveries to the student at once (the look-ahead ablation).
+    per_class_quota: at most N / C picks per assigned class (ours, off in the chapter).
+    Logged per discovery, besides the base's count and error against the hidden truth: the confined set's
+    size and the picks' mean centre distance and vote entropy.
+    """
+
+    def __init__(self, feature_model: str = "student", mode: str = "confined_max_entropy",
+                 num_discovered: int | None = None, max_ratio: float = 10.0, pool_factor: int = 10,
+                 beta: float | None = None, reference: str = "original", label_rule: str = "soft_argmax",
+                 lookahead: bool = True, per_class_quota: bool = False):
+        super().__init__(feature_model=feature_model, num_discovered=num_discovered, pool_factor=pool_factor,
+                         per_class_quota=per_class_quota)
+        for name, value, allowed in (("mode", mode, CRITICAL_MODES), ("reference", reference, CENTERS_FROM),
+                                     ("label_rule", label_rule, LABEL_RULES)):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r}: use one of {allowed}")
+        self.mode, self.max_ratio, self.beta, self.reference = mode, max_ratio, beta, reference
+        self.label_rule, self.lookahead = label_rule, lookahead
+
+    def discover_if_due(self, trainer, pl_module, epoch: int) -> None:
+        curriculum = getattr(pl_module, "curriculum", None)
+        if curriculum is None or curriculum.iterations != 1:
+            raise TypeError(f"CriticalSampleDiscovery runs once per generation of a curriculum with iterations 1 "
+                            f"(lightning_modules.lmcs.LMCS); {type(pl_module).__name__} has "
+                            f"{getattr(curriculum, 'iterations', 'no curriculum')}")
+        super().discover_if_due(trainer, pl_module, epoch)
+
+    def discover(self, trainer, pl_module, generation: int, iteration: int, epoch: int) -> None:
+        dm = trainer.datamodule
+        discovered = [i for h in self.history for i in h["index"]]
+        pending = self.history[-1] if self.history and self.lookahead else None
+        if pending is not None and pending["count"]:  # U_(g-1): the student's from now on
+            dm.add_labeled(pending["index"], pending["label"])
+        labeled = torch.as_tensor(dm.labeled_indices, dtype=torch.long)
+        labels = torch.as_tensor(dm.labeled_targets, dtype=torch.long)
+        original = ~torch.isin(labeled, torch.as_tensor(discovered, dtype=torch.long))
+        size = len(labeled)  # |Omega_(G-1)|, the master's set so far: N doubles it, up to R_L |Omega_L|
+        wanted = self.num_discovered or min(size, int(self.max_ratio * int(original.sum())) - size)
+        candidates = torch.as_tensor(np.setdiff1d(dm.unlabeled_indices, dm.labeled_indices), dtype=torch.long)
+        features, truth = self.features(trainer, pl_module)
+        count = 0 if self.mode == "none" else discovery_count(max(wanted, 0), len(candidates), (generation, 1))
+        chosen, chosen_labels, extra = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), {}
+        if count:
+            reference, reference_labels = ((labeled[original], labels[original]) if self.reference == "original"
+                                           else (labeled, labels))
+            device = features.device
+            found = critical_select(features[candidates.to(device)], features[reference.to(device)],
+                                    reference_labels.to(device), pl_module.num_classes, count, self.mode,
+                                    self.pool_factor, self.beta, self.label_rule, self.per_class_quota)
+            chosen, chosen_labels = candidates[found["picked"].cpu()], found["label"].cpu()
+            extra = {"confined": min(self.pool_factor * count, len(candidates)) if self.mode.startswith("confined")
+                     else len(candidates), "distance": found["distance"].mean().item(),
+                     "entropy": found["entropy"].mean().item()}
+            # computed from the same gathered features on every rank; rank 0's result is the one all apply
+            chosen, chosen_labels = (torch.as_tensor(x, dtype=torch.long) for x in trainer.strategy.broadcast(
+                (chosen.tolist(), chosen_labels.tolist()), src=0))
+        if self.lookahead:
+            dm.set_lookahead(chosen, chosen_labels)
+        else:
+            dm.add_labeled(chosen, chosen_labels)
+            dm.set_lookahead([], [])
+        self.record(trainer, (generation, iteration, epoch), chosen, chosen_labels, truth.cpu(),
+                    len(dm.lookahead_indices), pl_module.num_classes, extra)

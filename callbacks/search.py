@@ -3,8 +3,8 @@
 This is the only module that imports faiss, so the rest of the project keeps working (through the
 pure-torch fallback) where faiss is missing. Backends:
 
-- ``"faiss"``: faiss on GPU when ``faiss.get_num_gpus() > 0`` and the input is on CUDA, faiss-cpu
-  otherwise.
+- ``"faiss"``: faiss on the input's GPU when the input is on CUDA and faiss has GPU support (the
+  ``gpu`` extra, ``faiss-gpu``); faiss-cpu otherwise (``faiss_gpu_device`` decides).
 - ``"torch"``: blockwise matmul + topk and a Lloyd's k-means, on the input's device. A block holds at
   most ``_BLOCK_ELEMENTS`` similarities, so a 60,502 x 60,502 matrix never exists at once.
 - ``"auto"`` (default): ``"faiss"`` if it imports, else ``"torch"``.
@@ -57,9 +57,42 @@ def block_rows(num_columns: int) -> int:
     return max(1, _BLOCK_ELEMENTS // max(1, num_columns))
 
 
-def _use_faiss_gpu(x: Tensor) -> bool:
-    faiss = load_faiss()
-    return x.is_cuda and faiss is not None and faiss.get_num_gpus() > 0
+# A GEMM tile that is read again (Recall@K's count) should still be in cache when it is: 1 MiB of float32
+# fits a core's L2 on CPU. Rows: enough that BLAS amortises packing each gallery chunk (at 30,000 x 128,
+# 512 x 512 was the best of 256-1024 rows x 512-1024 columns). A GPU wants fewer, larger launches: 2,048
+# rows x up to _BLOCK_ELEMENTS in all.
+_CPU_TILE_ELEMENTS = 2**18
+_TILE_ROWS = {"cpu": 512, "cuda": 2048}
+
+
+def tile_shape(device: torch.device) -> tuple[int, int]:
+    """(query rows, gallery columns) of one similarity tile on ``device``; never above ``_BLOCK_ELEMENTS``."""
+    elements = _BLOCK_ELEMENTS if device.type == "cuda" else min(_BLOCK_ELEMENTS, _CPU_TILE_ELEMENTS)
+    rows = max(1, min(_TILE_ROWS.get(device.type, _TILE_ROWS["cpu"]), elements))
+    return rows, max(1, elements // rows)
+
+
+def faiss_gpu_device(device: torch.device, faiss: ModuleType | None) -> int | None:
+    """The GPU faiss runs on for data on ``device``, or None for faiss on the CPU.
+
+    The data's device decides, as it does for torch: a CUDA tensor with a faiss that has GPU support
+    and sees a GPU runs on that tensor's GPU (under DDP, each rank's own); CPU data, faiss-cpu (which
+    has no ``StandardGpuResources``) or no visible GPU keep the CPU path.
+    """
+    if device.type != "cuda" or faiss is None or not hasattr(faiss, "StandardGpuResources"):
+        return None
+    if faiss.get_num_gpus() == 0:
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+_FAISS_GPU_MAX_K = 2048  # faiss GPU's largest k for a flat search; larger k searches on the CPU
+
+
+@functools.cache
+def _gpu_resources(gpu: int):
+    """One faiss GPU resource object (cuBLAS handle, scratch memory) per GPU for the process's life."""
+    return load_faiss().StandardGpuResources()
 
 
 def _to_numpy(x: Tensor) -> np.ndarray:
@@ -79,9 +112,9 @@ def _check_matrix(name: str, x: Tensor) -> None:
 def _faiss_topk(queries: Tensor, reference: Tensor, k: int) -> tuple[Tensor, Tensor]:
     faiss = load_faiss()
     index = faiss.IndexFlatIP(reference.shape[1])
-    if _use_faiss_gpu(reference):
-        resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, reference.device.index or 0, index)
+    gpu = faiss_gpu_device(reference.device, faiss)
+    if gpu is not None and k <= _FAISS_GPU_MAX_K:
+        index = faiss.index_cpu_to_gpu(_gpu_resources(gpu), gpu, index)
     index.add(_to_numpy(reference))
     sims, idx = index.search(_to_numpy(queries), k)
     return torch.from_numpy(sims).to(queries.device), torch.from_numpy(idx).to(queries.device)
@@ -159,9 +192,13 @@ def _faiss_kmeans(x: Tensor, num_clusters: int, seed: int, restarts: int, iterat
         spherical=False,
         max_points_per_centroid=n,  # faiss silently subsamples above k * max_points_per_centroid
         min_points_per_centroid=1,  # few points per cluster is the protocol (SOP: ~5), not a mistake
-        gpu=_use_faiss_gpu(x),
         verbose=False,
     )
+    gpu = faiss_gpu_device(x.device, faiss)
+    if gpu is not None:  # on x's GPU (Kmeans(gpu=...) would take GPUs 0..n-1 whatever the rank)
+        config = faiss.GpuIndexFlatConfig()
+        config.device = gpu
+        km.index = faiss.GpuIndexFlatL2(_gpu_resources(gpu), dim, config)
     points = _to_numpy(x)
     km.train(points)
     _, labels = km.assign(points)

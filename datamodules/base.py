@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from datamodules.device_augment import ResidentViewDataset, device_pipeline, make_views, resident_images
 from datamodules.samplers import EpochSampler, PKSampler, SubsetSampler
 from datamodules.transforms import MultiView, build_transform
 
@@ -245,6 +246,10 @@ class EmbeddingDataModule(L.LightningDataModule):
       verify_images: decode every image file at setup and list all unreadable ones in one error.
       allow_partial: run on a copy whose image counts differ from the published ones (a warning instead
         of the DatasetSizeError; tiny test fixtures, subsets).
+      device_resident: the fast path: the decoded training split is held on the training device as one uint8
+        tensor and the train preset runs batched there (datamodules/device_augment.py); loaders carry only
+        indices and per-sample uniforms. For the in-memory datasets (digits, CIFAR, STL-10, SVHN) at their
+        native size; the eval loaders are unchanged.
       resize_size: the side the resizing presets resize to before cropping image_size (None: 256 at the
         papers' 224/227, else round(image_size * 256 / 224); see datamodules/transforms.py).
     """
@@ -282,6 +287,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         verify_images: bool = False,
         allow_partial: bool = False,
         resize_size: int | None = None,
+        device_resident: bool = False,
     ):
         super().__init__()
         if protocol not in self.protocols:
@@ -308,6 +314,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         self._presets = (train_transform, eval_transform, tuple(drop_ops))
         self.image_size = image_size
         self.resize_size = resize_size
+        self.device_resident = device_resident
+        self._resident: torch.Tensor | None = None  # device path: the training split, uint8 on the device
         self._build_transforms()
         self.splits: dict[str, Records] | None = None
         self.pseudo_labels: np.ndarray | None = None
@@ -317,6 +325,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         self._train_set: MultiViewDataset | None = None
         self._original_labeled: np.ndarray | None = None
         self._label_table: np.ndarray | None = None  # semi: label per train image, -1 = unlabeled
+        self._lookahead_table: np.ndarray | None = None  # semi, after enable_lookahead: the look-ahead set
 
     # -- what a dataset subclass provides -------------------------------------------------------
     def read_records(self) -> dict[str, Records]:
@@ -415,6 +424,7 @@ class EmbeddingDataModule(L.LightningDataModule):
                                                resize=self.resize_size)
         self.eval_transform = build_transform(evaluation, self.image_size, self.mean, self.std,
                                               resize=self.resize_size)
+        self.device_train = device_pipeline(self.train_transform, self.image_size) if self.device_resident else None
 
     # -- pseudo labels (P x K sampling) ------------------------------------------------------------
     def set_pseudo_labels(self, labels) -> None:
@@ -513,6 +523,31 @@ class EmbeddingDataModule(L.LightningDataModule):
                              "reset_labeled() first")
         self._label_table[indices] = labels
 
+    # -- look-ahead labeled set (LMCS: the master trains on new labels a generation before the student)
+    def enable_lookahead(self) -> None:
+        """Add a "lookahead" loader to the semi batch: one view of the labeled set plus the images given by
+        `set_lookahead` (which the "labeled" loader does not see), labeled_batch_size rows. Call it before the
+        loaders are built (a module's `setup`)."""
+        self._require_semi()
+        if self._lookahead_table is None:
+            self._lookahead_table = self._label_table.copy()
+
+    def set_lookahead(self, indices, labels) -> None:
+        """The look-ahead set = the labeled set plus these (index, label) pairs, replacing the previous ones
+        (release those first with `add_labeled`). Every rank must make the same call."""
+        if self._lookahead_table is None:
+            raise RuntimeError("set_lookahead before enable_lookahead: the module enables it in its setup")
+        indices = torch.as_tensor(indices).detach().cpu().numpy().astype(np.int64)
+        if len(indices) and (self._label_table[indices] >= 0).any():
+            raise ValueError("set_lookahead: some images already have a label; look ahead on unlabeled ones")
+        self._lookahead_table[:] = self._label_table
+        self._lookahead_table[indices] = torch.as_tensor(labels).detach().cpu().numpy().astype(np.int64)
+
+    @property
+    def lookahead_indices(self) -> np.ndarray:
+        """Train-split indices of the look-ahead set (labeled + look-ahead images)."""
+        return np.flatnonzero(self._lookahead_table >= 0)
+
     def reset_labeled(self) -> None:
         """Back to the drawn labeled set (a new Snowball generation), in place so live loaders see it."""
         self._require_semi()
@@ -529,6 +564,8 @@ class EmbeddingDataModule(L.LightningDataModule):
             state["pseudo_labels"] = torch.from_numpy(self.pseudo_labels.copy())
         if self._label_table is not None:
             state["label_table"] = torch.from_numpy(self._label_table.copy())
+        if self._lookahead_table is not None:
+            state["lookahead_table"] = torch.from_numpy(self._lookahead_table.copy())
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -537,6 +574,9 @@ class EmbeddingDataModule(L.LightningDataModule):
         if "label_table" in state_dict:
             self._require_semi()
             self._label_table[:] = state_dict["label_table"].numpy()
+        if "lookahead_table" in state_dict:
+            self.enable_lookahead()
+            self._lookahead_table[:] = state_dict["lookahead_table"].numpy()
 
     # -- loaders ----------------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:
@@ -567,17 +607,40 @@ class EmbeddingDataModule(L.LightningDataModule):
                              f"of {batch_size}; lower --data.batch_size")
         return self._loader(dataset, sampler, batch_size, drop_last)
 
+    def _views_dataset(self, records: Records, transform: Callable, num_views: int, seed: int = 0,
+                       reveal_targets: bool = False, partners: np.ndarray | None = None) -> Dataset:
+        """MultiViewDataset, or on the device path its index-and-noise twin (views made on the device)."""
+        if not self.device_resident:
+            return MultiViewDataset(records, transform, num_views, seed, reveal_targets, partners)
+        return ResidentViewDataset(records.targets, self.device_train.draws, num_views, seed, reveal_targets,
+                                   partners)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Device path: training batches (and the semi dict of them) get their views here, on the device."""
+        if not self.device_resident or not isinstance(batch, dict):
+            return batch
+        if "noise" not in batch:
+            return {k: self.on_after_batch_transfer(v, dataloader_idx) if isinstance(v, dict) else v
+                    for k, v in batch.items()}
+        device = batch["noise"].device
+        if self._resident is None or self._resident.device != device:
+            self._resident = resident_images(self.splits["train"].items).to(device)
+        return make_views(batch, self._resident, self.device_train)
+
     def train_dataset(self) -> MultiViewDataset:
         self.setup()
-        self._train_set = MultiViewDataset(self.splits["train"], self.train_transform, self.num_views,
-                                           seed=self.seed, reveal_targets=self.supervised,
-                                           partners=self.positive_partners)
+        self._train_set = self._views_dataset(self.splits["train"], self.train_transform, self.num_views,
+                                              seed=self.seed, reveal_targets=self.supervised,
+                                              partners=self.positive_partners)
         self._train_set.extras = self.train_extras
         return self._train_set
 
     def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
         if self.protocol == "semi":
-            return {"labeled": self.labeled_dataloader(), "unlabeled": self.unlabeled_dataloader()}
+            loaders = {"labeled": self.labeled_dataloader(), "unlabeled": self.unlabeled_dataloader()}
+            if self._lookahead_table is not None:
+                loaders["lookahead"] = self.labeled_dataloader(lookahead=True)
+            return loaders
         dataset = self.train_dataset()
         world, rank = self._world()
         per_rank = self._per_rank(self.batch_size)
@@ -597,7 +660,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         """Semi: the unlabeled pool, multi-view, targets hidden; one pass per epoch, or cycled (a fresh
         permutation per pass) to `steps_per_epoch` batches."""
         self._require_semi()
-        dataset = MultiViewDataset(self.splits["train"], self.train_transform, self.num_views, seed=self.seed)
+        dataset = self._views_dataset(self.splits["train"], self.train_transform, self.num_views,
+                                      seed=self.seed)
         world, rank = self._world()
         per_rank = self._per_rank(self.batch_size)
         cycled = self.steps_per_epoch * per_rank if self.steps_per_epoch else None
@@ -605,19 +669,23 @@ class EmbeddingDataModule(L.LightningDataModule):
                                 rank=rank, seed=self.seed)
         return self._training_loader(dataset, sampler, per_rank)
 
-    def labeled_dataloader(self) -> DataLoader:
+    def labeled_dataloader(self, lookahead: bool = False) -> DataLoader:
         """Semi: the current labeled set, multi-view, targets revealed, cycled to as many batches as the
-        unlabeled loader has (each repeat of an image gets a fresh augmentation)."""
+        unlabeled loader has (each repeat of an image gets a fresh augmentation). lookahead: the look-ahead
+        set instead, one view, its own seed."""
         self._require_semi()
-        labeled = Records(self.splits["train"].items, self._label_table)  # shares the table: sees add_labeled
+        table = self._lookahead_table if lookahead else self._label_table
+        labeled = Records(self.splits["train"].items, table)  # shares the table: sees add_labeled
         # seed + 1: its own augmentation stream, apart from the same image's draw in the unlabeled loader
-        dataset = MultiViewDataset(labeled, self.train_transform, self.num_views, seed=self.seed + 1,
-                                   reveal_targets=True)
+        seed = self.seed + (2 if lookahead else 1)
+        dataset = self._views_dataset(labeled, self.train_transform, 1 if lookahead else self.num_views,
+                                      seed=seed, reveal_targets=True)
         world, rank = self._world()
         per_rank = self._per_rank(self.labeled_batch_size)
         steps = self.steps_per_epoch or len(self.unlabeled_indices) // world // self._per_rank(self.batch_size)
-        sampler = SubsetSampler(dataset, self._current_labeled, num_samples=max(steps, 1) * per_rank,
-                                num_replicas=world, rank=rank, seed=self.seed + 1)
+        subset = (lambda: np.flatnonzero(table >= 0)) if lookahead else self._current_labeled
+        sampler = SubsetSampler(dataset, subset, num_samples=max(steps, 1) * per_rank,
+                                num_replicas=world, rank=rank, seed=seed)
         return self._training_loader(dataset, sampler, per_rank)
 
     def _eval_loader(self, records: Records, reveal_targets: bool) -> DataLoader:

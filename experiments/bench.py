@@ -9,6 +9,7 @@ import argparse
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,17 +46,38 @@ QUICK_SIZES = (
 )
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """The machine a table was measured on: CPU model and cores, GPU and its memory, host, date."""
+    gpu = "no GPU"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"{torch.cuda.device_count()} x {props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return (f"{_cpu_model()}, {os.cpu_count()} CPU cores; {gpu}; host {platform.node()}; "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
 def device_info() -> str:
     """One line naming the hardware and thread counts, so timings can be compared."""
     faiss = search.load_faiss()
     if torch.cuda.is_available():
         where = f"GPU {torch.cuda.get_device_name()}"
     else:
-        where = f"CPU {platform.processor() or platform.machine()}"
+        where = f"CPU {_cpu_model()}"
     faiss_part = (
         "faiss missing"
         if faiss is None
-        else f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads, {faiss.get_num_gpus()} GPUs)"
+        else f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads, {faiss.get_num_gpus()} GPUs, "
+        f"{'GPU build' if hasattr(faiss, 'StandardGpuResources') else 'CPU build'})"
     )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
@@ -72,6 +94,20 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, value
+
+
+def _steps_per_second(model, batch: dict, optimizer: torch.optim.Optimizer, steps: int) -> float:
+    """Training steps per second on one fixed batch, after one warm-up step (allocator, optimizer state)."""
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.training_step(batch, 0).backward()
+        optimizer.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        step()
+        return steps / _timed(lambda: [step() for _ in range(steps)])[0]
 
 
 def random_split(size: EvalSize, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +247,55 @@ def bench_evaluation(quick: bool = False) -> str:
     ]
     for size in QUICK_SIZES if quick else FULL_SIZES:
         lines.extend(_evaluation_rows(size))
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *_floor_table(quick)])
+
+
+# ---- Recall@K against the GEMM floor ----------------------------------------------------------------
+
+FLOOR_SIZES = ((30_000, 128), (60_502, 128))  # a 30K split and SOP's test split
+FLOOR_QUICK = ((3_000, 128), (6_000, 128))
+FLOOR_REPEATS = {True: 3, False: 2}  # best of: other processes only ever add time
+
+
+def gemm_floor(emb: torch.Tensor, rows: int, cols: int) -> None:
+    """The bare similarity pass that any exact Recall@K must make: every (rows x cols) tile of emb @ emb.T
+    into one preallocated buffer, nothing read back."""
+    buffer = torch.empty(rows * cols, device=emb.device)
+    for start in range(0, emb.shape[0], rows):
+        q = emb[start : start + rows]
+        for c in range(0, emb.shape[0], cols):
+            g = emb[c : c + cols]
+            torch.mm(q, g.T, out=buffer[: q.shape[0] * g.shape[0]].view(q.shape[0], -1))
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    return min(_timed(fn)[0] for _ in range(repeats))
+
+
+def _floor_row(n: int, dim: int, repeats: int) -> str:
+    """One row: ours, the GEMM floor (the faster of the evaluator's tiling and full-width blocks) and faiss."""
+    size = EvalSize(f"{n}", n, dim, n // 5, (1, 10, 100), restarts=1, iterations=1)
+    emb, y = random_split(size)
+    rows, cols = search.tile_shape(emb.device)
+    ours = _best_seconds(lambda: metrics.recall_at_k(emb, y, size.ks), repeats)
+    floor = min(_best_seconds(lambda: gemm_floor(emb, rows, cols), repeats),
+                _best_seconds(lambda: gemm_floor(emb, search.block_rows(n), n), repeats))
+    faiss = _best_seconds(lambda: search.topk_search(emb, emb, 101, backend="faiss"), repeats) \
+        if search.load_faiss() is not None else float("nan")
+    return f"| {n:,} x {dim} | {ours:.2f} | {floor:.2f} | {ours / floor:.2f} | {faiss:.2f} | {faiss / floor:.2f} |"
+
+
+def _floor_table(quick: bool) -> list[str]:
+    """Recall@K (ours, leave-one-out, K = 1, 10, 100) against the GEMM floor and a bare faiss exact top-101
+    search, on the evaluator's device."""
+    rows, cols = search.tile_shape(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    repeats = FLOOR_REPEATS[quick]
+    return [(f"Recall@K at the GEMM floor (leave-one-out, K = 1, 10, 100, one class per 5 rows; best of {repeats}; "
+             f"tile {rows} x {cols}; floor = the faster of that tiling and full rows in blocks of "
+             f"{search._BLOCK_ELEMENTS:,} similarities, nothing read back):"), "",
+            "| N x D | ours (s) | GEMM floor (s) | ours / floor | bare faiss top-101 (s) | faiss / floor |",
+            "|---|---|---|---|---|---|",
+            *(_floor_row(n, dim, repeats) for n, dim in (FLOOR_QUICK if quick else FLOOR_SIZES))]
 
 
 # ---- TAC-CCL: k-means pseudo-label refresh and training throughput ----------------------------------
@@ -270,7 +354,6 @@ def _refresh_rows(quick: bool) -> list[str]:
 def _tac_ccl_images_per_second(backbone: str, size: int, batch_size: int, steps: int, **flags) -> float:
     """Optimizer steps of TACCCL.training_step on random images (model and losses only, no data loading),
     with 100 pseudo classes, P x 5 batches and a 5,864-entry memory bank (CUB-sized)."""
-    import warnings
 
     from callbacks.pseudo_labels import cluster_centers
     from lightning_modules.tac_ccl import TACCCL
@@ -288,16 +371,7 @@ def _tac_ccl_images_per_second(backbone: str, size: int, batch_size: int, steps:
     batch = {"views": [images], "index": index.to(device)}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
 
-    def step() -> None:
-        optimizer.zero_grad()
-        model.training_step(batch, 0).backward()
-        optimizer.step()
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log outside a Trainer
-        step()  # warm-up
-        seconds = _timed(lambda: [step() for _ in range(steps)])[0]
-    return batch_size * steps / seconds
+    return batch_size * _steps_per_second(model, batch, optimizer, steps)
 
 
 def bench_tac_ccl(quick: bool = False) -> str:
@@ -390,17 +464,7 @@ def _umm_case(method: str, k: int, size: TrainSize) -> tuple[float, int]:
     views = [torch.randn(size.batch, size.channels, size.image, size.image, device=device) for _ in range(2)]
     batch = {"views": views, "index": torch.arange(size.batch), "target": torch.full((size.batch,), -1)}
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        model.training_step(batch, 0).backward()
-        optimizer.step()
-
-    def images_per_second() -> float:
-        step()  # warm-up: allocator, optimizer state
-        seconds = _timed(lambda: [step() for _ in range(size.steps)])[0]
-        return 2 * size.batch * size.steps / seconds
-
-    return _peak_bytes(images_per_second)
+    return _peak_bytes(lambda: 2 * size.batch * _steps_per_second(model, batch, optimizer, size.steps))
 
 
 def _ranking_case(n: int, k: int, chunk: int | None) -> tuple[float, int]:
@@ -443,7 +507,294 @@ def bench_umm(quick: bool = False) -> str:
     return "\n".join(lines)
 
 
-SECTIONS: dict[str, Callable[[bool], str]] = {"evaluation": bench_evaluation, "tac_ccl": bench_tac_ccl, "umm": bench_umm}
+# ---- ROUL: training throughput against TAC-CCL's baseline, refinement cost per query ---------------------
+
+
+def _roul_images_per_second(backbone: str, size: int, batch_size: int, steps: int, **flags) -> float:
+    """Optimizer steps of ROUL.training_step on random images (model and losses only), with TAC-CCL's bench
+    setting: 100 pseudo classes, P x 5 batches, a 5,864-entry memory bank; 128-d; every item in a core."""
+
+    from callbacks.pseudo_labels import cluster_centers
+    from lightning_modules.roul import ROUL
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    in_chans, dim, n_train, clusters, per_class = (1 if backbone == "small_cnn" else 3), 128, 5_864, 100, 5
+    model = ROUL(backbone=backbone, in_chans=in_chans, embedding_dim=dim, frozen_bn=backbone == "googlenet",
+                 core_fraction=1.0, **flags).to(device).train()
+    bank = F.normalize(torch.randn(n_train, dim), dim=1)
+    labels = torch.arange(n_train) % clusters
+    model.set_pseudo_labels(labels, cluster_centers(bank, labels, clusters), bank)
+    index = (torch.arange(batch_size // per_class)[:, None] + clusters * torch.arange(per_class)).flatten()
+    batch = {"views": [torch.randn(batch_size, in_chans, size, size, device=device)], "index": index.to(device)}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+
+    return batch_size * _steps_per_second(model, batch, optimizer, steps)
+
+
+def _refinement_ms_per_query(queries: int, m: int, feature_dim: int) -> tuple[float, float]:
+    """(ms per query for the whole refinement, of which Φ) on random unit embeddings (128-d) and order
+    features, leave-one-out top-M, Φ at the paper configs' sizes (512 / 256 / 128)."""
+    from callbacks.refine import refined_neighbors
+    from lightning_modules.roul import OrderHead
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    emb = F.normalize(torch.randn(queries, 128, device=device), dim=1)
+    feature = F.normalize(torch.randn(queries, feature_dim, device=device), dim=1)
+    head = OrderHead(feature_dim).to(device).eval()
+    phi_seconds = [0.0]
+
+    def order_fn(anchor: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = head(anchor, items)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        phi_seconds[0] += time.perf_counter() - start
+        return out
+
+    refined_neighbors(emb[:8], feature[:8], order_fn, m, 10.0, 1.0, emb, feature)  # warm-up
+    phi_seconds[0] = 0.0
+    seconds = _timed(lambda: refined_neighbors(emb, feature, order_fn, m, 10.0, 1.0))[0]
+    return 1e3 * seconds / queries, 1e3 * phi_seconds[0] / queries
+
+
+def bench_roul(quick: bool = False) -> str:
+    """ROUL's training throughput against TAC-CCL's Baseline (MS + memory) on the same backbone and batch, and
+    the test-time refinement's cost per query at M = 32 (CUB/Cars) and M = 100 (SOP)."""
+    cases = [("small_cnn", 8, 80, "digits-size CNN 8x8")]
+    cases.append(("googlenet", 64, 20, "GoogLeNet 64x64 (quick)") if quick
+                 else ("googlenet", 227, 80, "GoogLeNet 227x227"))
+    steps = 1 if quick else 3
+    no_phi = {"roc_weight": 0.0, "moc_weight": 0.0, "order_weight": 0.0}
+    small_phi = {"order_hidden": 64, "order_pair_dim": 32, "order_head_dim": 32}
+    lines = ["### ROUL", "", device_info(), "",
+             (f"Training throughput (`training_step` + backward + Adam step on random images, {steps} steps after "
+              "one warm-up; model and losses only). ROUL's full step runs the backbone on 1 + L = 3 views and Φ "
+              "on B x (B + 1)² pairs; its Baseline row has no Φ and one view:"), "",
+             "| backbone, input | batch (P x 5) | TAC-CCL Baseline (img/s) | ROUL Baseline (img/s) | ROUL full (img/s) |",
+             "|---|---|---|---|---|"]
+    for backbone, size, batch_size, label in cases:
+        phi = small_phi if backbone == "small_cnn" else {}
+        tac = _tac_ccl_images_per_second(backbone, size, batch_size, steps, ccl_weight=0.0, tac_weight=0.0,
+                                         feature_weight=0.0)
+        rates = [_roul_images_per_second(backbone, size, batch_size, steps, **flags) for flags in (no_phi, phi)]
+        lines.append(f"| {label} | {batch_size} | {tac:.1f} | {rates[0]:.1f} | {rates[1]:.1f} |")
+    queries = 500 if quick else 2_000
+    lines += ["", (f"Test-time refinement per query ({queries:,} queries, leave-one-out top-M on 128-d unit "
+                   "embeddings, Φ on 1024-d order features at 512 / 256 / 128, odd-even swap descent):"), "",
+              "| M | total (ms / query) | of which Φ (ms / query) |", "|---|---|---|"]
+    for m in (32, 100):
+        total, phi_ms = _refinement_ms_per_query(queries, m, 1024)
+        lines.append(f"| {m} | {total:.3f} | {phi_ms:.3f} |")
+    return "\n".join(lines)
+
+
+# -- data: the device-resident fast path against the DataLoader + PIL path -------------------------------
+@dataclass(frozen=True)
+class DataSize:
+    """A CIFAR-10-shaped synthetic training set, the batch and the steps timed (after `warmup` steps)."""
+
+    images: int
+    batch_size: int
+    steps: int
+    warmup: int
+    backbone: str
+
+
+FULL_DATA = DataSize(50_000, 128, 40, 5, "cifar_resnet18")  # ISIF's CIFAR-10 protocol: 50K, 128 x 2 views
+QUICK_DATA = DataSize(1_024, 32, 3, 1, "small_cnn")  # the test-sized network
+
+
+def synthetic_cifar(size: DataSize, device_resident: bool, workers: int):
+    """An ISIF CIFAR-10 datamodule (npid preset, 2 views) over random 32x32 images, on either path."""
+    import numpy as np
+
+    from datamodules.base import EmbeddingDataModule, Records
+
+    class SyntheticCIFAR(EmbeddingDataModule):
+        name = "synthetic CIFAR-10"
+
+        def read_records(self):
+            g = np.random.default_rng(0)
+            images = g.integers(0, 256, (size.images, 32, 32, 3), dtype=np.uint8)
+            targets = np.arange(size.images) % 10
+            return {"train": Records(images, targets), "test": Records(images[:256], targets[:256])}
+
+    from datamodules.cifar import CIFAR10DataModule
+
+    return SyntheticCIFAR(batch_size=size.batch_size, num_workers=workers, device_resident=device_resident,
+                          mean=CIFAR10DataModule.mean, std=CIFAR10DataModule.std)
+
+
+def _images_per_second(dm, size: DataSize, device: torch.device, train: bool) -> float:
+    """Training instances (of 2 views each) per second, steady state: the loader, the transfer, the device
+    augmentation (fast path) and, with `train`, ISIF's step (bf16 autocast and channels_last on a GPU)."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from lightning_modules.isif import ISIF, isif_loss
+
+    on_gpu = device.type == "cuda"
+    model = ISIF(backbone=size.backbone, channels_last=on_gpu).to(device) if train else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9) if train else None
+    batches = iter(dm.train_dataloader())
+    start = 0.0
+    for step in range(size.warmup + size.steps):
+        if step == size.warmup:
+            if on_gpu:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        batch = dm.on_after_batch_transfer(move_data_to_device(next(batches), device), 0)
+        if train:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+                loss = isif_loss(*model.embed_views(batch["views"]))["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    if on_gpu:
+        torch.cuda.synchronize()
+    return size.steps * size.batch_size / (time.perf_counter() - start)
+
+
+def bench_data(quick: bool = False) -> str:
+    """ISIF on CIFAR-10-shaped data: the fast path (data on the device) against the DataLoader + PIL path,
+    the data path alone and with the training step, and the epoch / 200-epoch times that follow."""
+    size = QUICK_DATA if quick else FULL_DATA
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workers = min(8, os.cpu_count() or 1)
+    rows = []
+    for name, resident, loader_workers in (("DataLoader + PIL", False, workers), ("device-resident", True, 0)):
+        dm = synthetic_cifar(size, resident, loader_workers)
+        data = _images_per_second(dm, size, device, train=False)
+        train = _images_per_second(dm, size, device, train=True)
+        epoch = 50_000 / train
+        rows.append(f"| {name} | {loader_workers} | {data:,.0f} | {train:,.0f} | {epoch:,.1f} | "
+                    f"{200 * epoch / 3600:,.2f} |")
+    title = (f"### data: ISIF on CIFAR-10-shaped data ({size.backbone}, batch {size.batch_size} x 2 views, "
+             f"{size.images:,} synthetic 32x32 images, {device.type})")
+    header = ("| path | loader workers | data only, images/s | ISIF training, images/s | epoch of 50K, s | "
+              "200 epochs, h |\n|---|---|---|---|---|---|")
+    note = ("images = training instances (2 augmented views each); steady state after "
+            f"{size.warmup} warm-up steps, {size.steps} steps timed; the epoch and 200-epoch times extrapolate "
+            "the training rate to CIFAR-10's 50,000 images (evaluation passes not included).")
+    return "\n".join([title, device_info(), "", header, *rows, "", note])
+
+
+# ---- SAN: overhead over the same backbone without it ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SanSize:
+    """The backbone, stage, input and batch SAN's overhead is timed at (full: the paper's GoogLeNet, 227, 80)."""
+
+    backbone: str
+    stage: str
+    channels: int
+    image: int
+    batch: int
+    steps: int
+
+
+SAN_FULL = SanSize("googlenet", "inception4e", 3, 227, 80, steps=2)
+SAN_QUICK = SanSize("small_cnn", "block3", 1, 8, 80, steps=3)
+
+
+def _san_case(enabled: bool, size: SanSize) -> tuple[float, int]:
+    """Images/s of `SAN.training_step` (MS loss, no memory: the bank costs both rows the same) + backward +
+    Adam step on random images in 16 x 5 class batches, and peak memory; `enabled` False = no SAN."""
+    import warnings
+
+    from lightning_modules.san import SAN, Assembly
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer attached: logging is skipped
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = SAN(backbone=size.backbone, in_chans=size.channels, embedding_dim=512, memory_weight=0.0,
+                frozen_bn=size.backbone == "googlenet", assembly=Assembly(enabled=enabled, stage=size.stage))
+    model.insert_assembly(size.image)
+    model = model.to(device).train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    images = torch.randn(size.batch, size.channels, size.image, size.image, device=device)
+    batch = {"views": [images], "index": torch.arange(size.batch, device=device),
+             "target": (torch.arange(size.batch, device=device) // 5)}
+
+    return _peak_bytes(lambda: size.batch * _steps_per_second(model, batch, optimizer, size.steps))
+
+
+def bench_san(quick: bool = False) -> str:
+    """SAN's training overhead (time and memory) over the same backbone without it."""
+    size = SAN_QUICK if quick else SAN_FULL
+    mib = 2**20
+    lines = ["### SAN overhead (forward + backward + Adam step, MS loss, no memory bank)", "", device_info(), "",
+             (f"{size.backbone}, SAN after {size.stage}, {size.channels}x{size.image}x{size.image} random images, "
+              f"batch {size.batch} (16 classes x 5), {size.steps} steps after one warm-up; peak memory = CUDA "
+              "max_memory_allocated, else the growth of peak RSS in a fresh process."), "",
+             "| network | images/s | time vs no SAN | peak memory (MiB) | memory vs no SAN |", "|---|---|---|---|---|"]
+    base_rate, base_peak = _isolated(_san_case, False, size)
+    rate, peak = _isolated(_san_case, True, size)
+    lines.append(f"| no SAN | {base_rate:.1f} | 1.00 | {base_peak / mib:.0f} | 1.00 |")
+    lines.append(f"| SAN | {rate:.1f} | {base_rate / rate:.2f} | {peak / mib:.0f} | "
+                 f"{peak / max(base_peak, 1):.2f} |")
+    return "\n".join(lines)
+
+
+# ---- EIR: training throughput against ISIF's on the same backbone and batch ---------------------------------
+
+EIR_BANK = {False: 50_000, True: 1_437}  # CIFAR's N (full), digits' training split (quick)
+
+
+def _eir_case(method: str, size: TrainSize, bank: int) -> tuple[float, int]:
+    """Training instances/s of the method's own `training_step` + backward + SGD step on random images (an
+    instance = one dataset image: two views for ISIF and IRaug, two views and one mixed image for EIR),
+    and peak memory. EIR and IRaug read and write a bank of `bank` rows."""
+    import warnings
+
+    from lightning_modules.eir import EIR
+    from lightning_modules.isif import ISIF
+    from lightning_modules.relations import Relations
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer attached: logging is skipped
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = {"backbone": size.backbone, "in_chans": size.channels, "gather_negatives": False}
+    if method == "ISIF":
+        model = ISIF(**common)
+    else:
+        relations = Relations(intra_weight=15.0, inter_weight=2.0) if method == "EIR" else Relations()
+        model = EIR(relations=relations, **common)
+        model.bank.resize(bank)
+    model = model.to(device)
+    optimizer = model.configure_optimizers()["optimizer"]
+    views = [torch.randn(size.batch, size.channels, size.image, size.image, device=device) for _ in range(2)]
+    batch = {"views": views, "index": torch.randperm(bank)[: size.batch].to(device),
+             "target": torch.full((size.batch,), -1)}
+
+    return _peak_bytes(lambda: size.batch * _steps_per_second(model, batch, optimizer, size.steps))
+
+
+def bench_eir(quick: bool = False) -> str:
+    """EIR (IRaug + intra + inter) vs its IRaug baseline vs ISIF: training throughput on one backbone and batch.
+    EIR forwards 3 images per instance (two views, one mixed) against ISIF's 2 (spec §10: about 1.5x the
+    cost), and IRaug's N-way softmax reads the whole bank twice per step."""
+    size, bank = (UMM_QUICK if quick else UMM_FULL), EIR_BANK[quick]
+    mib = 2**20
+    lines = ["### EIR vs ISIF training throughput (forward + backward + SGD step)", "", device_info(), "",
+             (f"{size.backbone}, {size.channels}x{size.image}x{size.image} random images, batch = {size.batch} "
+              f"instances, {size.steps} steps after one warm-up; memory bank N = {bank:,} rows (EIR, IRaug); "
+              "instances/s = dataset images per second; peak memory = CUDA max_memory_allocated, else the growth "
+              "of peak RSS in a fresh process."), "",
+             "| method | images per instance | instances/s | vs ISIF | peak memory (MiB) |", "|---|---|---|---|---|"]
+    isif_rate, isif_peak = _isolated(_eir_case, "ISIF", size, bank)
+    lines.append(f"| ISIF | 2 | {isif_rate:.0f} | 1.00 | {isif_peak / mib:.0f} |")
+    for method, images in (("IRaug", 2), ("EIR", 3)):
+        rate, peak = _isolated(_eir_case, method, size, bank)
+        lines.append(f"| {method} | {images} | {rate:.0f} | {rate / isif_rate:.2f} | {peak / mib:.0f} |")
+    return "\n".join(lines)
+
+
+SECTIONS: dict[str, Callable[[bool], str]] = {"evaluation": bench_evaluation, "tac_ccl": bench_tac_ccl, "umm": bench_umm,
+                                              "roul": bench_roul, "data": bench_data, "san": bench_san,
+                                              "eir": bench_eir}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -451,6 +802,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=sorted(SECTIONS), help="run one section (default: all)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     args = parser.parse_args(argv)
+    print(f"## make bench{' --quick' if args.quick else ''}: {machine()}\n", flush=True)
     for name in [args.only] if args.only else SECTIONS:
         start = time.perf_counter()
         print(SECTIONS[name](args.quick))

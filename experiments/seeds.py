@@ -8,6 +8,7 @@ use (`TEST_BUDGET`, which the tests import), so the margin is measured where it 
 
     python -m experiments.seeds                                # every method, seeds 0-4, full digits budget
     python -m experiments.seeds --methods tac_ccl --budget test
+    python -m experiments.seeds --methods isif --fast-path     # the same study on the device-resident path
 """
 from __future__ import annotations
 
@@ -21,18 +22,30 @@ import time
 from pathlib import Path
 
 CONFIGS = "experiments/configs"
-METHODS = ("isif", "umm", "tac_ccl", "snowball")
+METHODS = ("isif", "umm", "tac_ccl", "snowball", "roul", "san", "san_unsupervised", "lmcs", "lmcs_mixmatch",
+           "eir")
+# a method whose digits config is not <method>/digits.yaml: (config folder, variant)
+CONFIG_OF = {"san_unsupervised": ("san", "unsupervised"), "lmcs_mixmatch": ("lmcs", "mixmatch")}
 # metrics read per method; `val/error` is better when lower
 METRICS = {
     "isif": ("val/knn_top1", "val/recall@1", "val/nmi"),
     "umm": ("val/knn_top1", "val/recall@1", "val/nmi"),
     "tac_ccl": ("val/recall@1", "val/recall@8", "val/nmi"),
     "snowball": ("val/error",),
+    "roul": ("val/nmi", "val/recall@1", "val/recall@1_refined", "val/recall@2", "val/recall@2_refined"),
+    "san": ("val/knn_top1", "val/recall@1", "val/nmi"),
+    "san_unsupervised": ("val/knn_top1", "val/recall@1", "val/nmi"),
+    "lmcs": ("val/error", "val/error_master"),
+    "lmcs_mixmatch": ("val/error",),
+    "eir": ("val/knn_top1", "val/knn_top1@20", "val/nmi"),
 }
-LOWER_IS_BETTER = ("val/error",)
+LOWER_IS_BETTER = ("val/error", "val/error_master")
 # seeds a method draws outside seed_everything (TAC-CCL's per-step draws and its k-means), moved with it
 SEED_FLAGS = {
     "tac_ccl": ["--model.init_args.seed={seed}", "--trainer.callbacks.init_args.seed={seed}"],
+    "roul": ["--model.init_args.seed={seed}", "--trainer.callbacks.init_args.seed={seed}"],
+    "san_unsupervised": ["--trainer.callbacks.init_args.seed={seed}"],
+    "eir": ["--model.init_args.seed={seed}"],
 }
 # the overrides each method's learning test runs with (tests/test_*_train.py import these)
 TEST_BUDGET = {
@@ -42,7 +55,19 @@ TEST_BUDGET = {
     "snowball": ["--trainer.max_epochs=2", "--model.init_args.curriculum.phase0_epochs=1",
                  "--model.init_args.curriculum.iteration_epochs=1", "--model.init_args.curriculum.generations=1",
                  "--model.init_args.curriculum.iterations=1"],
+    "roul": ["--trainer.check_val_every_n_epoch=6", "--evaluation.kmeans_restarts=1", "--data.num_workers=0"],
+    "san": ["--trainer.max_epochs=1", "--evaluation.kmeans_restarts=1", "--data.num_workers=0"],
+    "san_unsupervised": ["--trainer.max_epochs=2", "--evaluation.kmeans_restarts=1", "--data.num_workers=0"],
+    # phase 0 of one epoch, then two generations of one epoch, the master on from epoch 1
+    "lmcs": ["--trainer.max_epochs=3", "--model.init_args.curriculum.phase0_epochs=1",
+             "--model.init_args.curriculum.iteration_epochs=1", "--model.init_args.curriculum.generations=2",
+             "--model.init_args.step_epochs=1", "--model.init_args.rampup_steps=16", "--data.num_workers=0"],
+    # batch 32: 45 steps per bank refresh (epoch) instead of 11, so the random bank is left behind sooner
+    "eir": ["--trainer.max_epochs=6", "--data.batch_size=32", "--trainer.check_val_every_n_epoch=6",
+            "--evaluation.kmeans_restarts=2", "--data.num_workers=0"],
 }
+# the device-resident data path (datamodules/device_augment.py), for the fast-vs-standard acceptance study
+FAST_PATH = ["--data.init_args.device_resident=true"]
 
 
 def config_args(method: str, variant: str = "") -> list[str]:
@@ -56,7 +81,8 @@ def run_once(method: str, seed: int, budget: str, out: Path, extra: list[str]) -
     """One training run in a fresh process; its final_metrics.json."""
     run_dir = out / f"{method}-{budget}-seed{seed}"
     overrides = TEST_BUDGET[method] if budget == "test" else []
-    cmd = [sys.executable, "-m", "experiments.train", "fit", *config_args(method), "--run.dir", str(run_dir),
+    cmd = [sys.executable, "-m", "experiments.train", "fit", *config_args(*CONFIG_OF.get(method, (method,))),
+           "--run.dir", str(run_dir),
            "--run.logger=csv", "--trainer.enable_progress_bar=false", f"--seed_everything={seed}",
            *(flag.format(seed=seed) for flag in SEED_FLAGS.get(method, [])), *overrides, *extra]
     started = time.time()
@@ -96,9 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", choices=("full", "test"), default="full",
                         help="full: the digits config as shipped; test: the learning tests' shortened runs")
     parser.add_argument("--out", default="runs/seeds", help="where the runs and seeds.json go")
+    parser.add_argument("--fast-path", action="store_true",
+                        help=f"run on the device-resident data path ({' '.join(FAST_PATH)}); runs go to OUT-fast")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more CLI overrides, last")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out + ("-fast" if args.fast_path else ""))
+    extra = (FAST_PATH if args.fast_path else []) + args.extra
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     print(f"seeds {args.seeds}, budget {args.budget}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}",
@@ -106,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods:
         results[method] = []
         for seed in args.seeds:
-            run = run_once(method, seed, args.budget, out, args.extra)
+            run = run_once(method, seed, args.budget, out, extra)
             results[method].append(run)
             shown = ", ".join(f"{m} {run['initial'][m]:.1f} -> {run['final'][m]:.1f}" for m in METRICS[method])
             print(f"{method} seed {seed} ({run['seconds']:.0f} s): {shown}", flush=True)

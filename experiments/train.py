@@ -16,6 +16,7 @@ import json
 import netrc
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks.evaluation import ClassificationEvaluator, EmbeddingEvaluator
+from callbacks.evaluation import EmbeddingEvaluator, Scoreboard
 from datamodules.base import EmbeddingDataModule
 from lightning_modules.base import EmbeddingModule
 
@@ -156,17 +157,53 @@ def wandb_run_id(run_dir: str, resume: bool) -> str:
     return run_id
 
 
-def build_logger(kind: str, run_dir: str, project: str, name: str, resume: bool = False):
+def default_precision(accelerator: str | None, cuda: bool | None = None, bf16: bool | None = None) -> str:
+    """`trainer.precision: null`: bf16 autocast (every loss runs in fp32, `losses.fp32`) on a CUDA GPU that
+    has bf16, else fp32 (CPU bf16 autocast is slower than fp32 on most CPUs without AMX)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and cuda)
+    bf16 = (cuda and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
+    return "bf16-mixed" if on_gpu and cuda and bf16 else "32-true"
+
+
+def build_logger(kind: str, run_dir: str, project: str, name: str, resume: bool = False,
+                 group: str | None = None, tags: list[str] | None = None):
     if kind == "wandb":
         # Offline unless the user is logged in (or set WANDB_MODE): `wandb sync <run_dir>/wandb/...` uploads.
         offline = os.environ.get("WANDB_MODE", "online" if wandb_logged_in() else "offline") == "offline"
         return WandbLogger(project=project, name=name, save_dir=run_dir, offline=offline,
-                           id=wandb_run_id(run_dir, resume), resume="allow")
+                           id=wandb_run_id(run_dir, resume), resume="allow", group=group, tags=tags)
     if kind == "csv":
         return (AppendingCSVLogger if resume else CSVLogger)(save_dir=run_dir, name="csv", version="")
     if kind == "none":
         return False
     raise ValueError(f"run.logger {kind!r}: use wandb, csv or none")
+
+
+# -- dashboards: what every run says about itself -----------------------------------------------
+def git_commit() -> str:
+    """The suite checkout's HEAD, '+dirty' when tracked files differ from it; '' outside a git checkout."""
+    root = str(Path(__file__).resolve().parent.parent)
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True,
+                                  timeout=20).stdout.strip()
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_metadata(cfg) -> dict[str, Any]:
+    """method / dataset / protocol / variant (from run.*, else the classes), the W&B group (run.group, else
+    method-dataset[-variant]: the seeds of one setting together) and tags, one `key:value` per facet plus
+    run.tags, so the W&B UI filters and groups runs without manual editing."""
+    method = cfg.run.method or cfg.model.class_path.rsplit(".", 2)[-2]  # lightning_modules.<method>.<Class>
+    dataset = cfg.run.dataset or cfg.data.class_path.rsplit(".", 1)[-1].lower().removesuffix("datamodule")
+    protocol = str((cfg.data.get("init_args") or {}).get("protocol") or "")
+    facets = {"method": method, "dataset": dataset, "protocol": protocol, "variant": cfg.run.variant}
+    group = cfg.run.group or "-".join(v for v in (method, dataset, cfg.run.variant) if v)
+    tags = [f"{k}:{v}" for k, v in facets.items() if v] + list(cfg.run.tags or [])
+    return {**facets, "group": group, "tags": tags}
 
 
 # -- resume: the command line wins ---------------------------------------------------------------
@@ -378,6 +415,8 @@ class SuiteCLI(LightningCLI):
         parser.add_argument("--run.method", type=str, default="", help="METHOD name, for comparison tables")
         parser.add_argument("--run.dataset", type=str, default="", help="DATASET name, for comparison tables")
         parser.add_argument("--run.variant", type=str, default="", help="protocol variant, e.g. resnet18")
+        parser.add_argument("--run.group", type=str, default="", help="W&B group (default method-dataset-variant)")
+        parser.add_argument("--run.tags", type=list[str], default=[], help="extra W&B tags")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's CLI parses a checkpoint's hyperparameters over the command line before building the
@@ -421,7 +460,11 @@ class SuiteCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         resume = bool(cfg.get("ckpt_path"))
-        logger = build_logger(cfg.run.logger, run_dir, cfg.run.project, name, resume=resume)
+        meta = run_metadata(cfg)
+        logger = build_logger(cfg.run.logger, run_dir, cfg.run.project, name, resume=resume, group=meta["group"],
+                              tags=meta["tags"])
+        if trainer_cfg.get("precision") is None:  # base.yaml's default: bf16 autocast where it is safe
+            kwargs.setdefault("precision", default_precision(trainer_cfg.get("accelerator")))
         return super().instantiate_trainer(default_root_dir=run_dir, callbacks=callbacks, plugins=plugins,
                                            logger=logger, **kwargs)
 
@@ -430,16 +473,19 @@ class SuiteCLI(LightningCLI):
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
         Path(self.run_dir, "config.yaml").write_text(config)
+        for logger in self.trainer.loggers:  # the flattened resolved config and the commit, filterable in W&B
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams({**flat_settings(self.config[self.subcommand].as_dict()),
+                                        "git_commit": git_commit()})
 
     def after_fit(self) -> None:
-        # every evaluator's initial / latest / best, merged (semi runs add ClassificationEvaluator's val/error)
-        kinds = (EmbeddingEvaluator, ClassificationEvaluator)
-        evaluators = [c for c in self.trainer.callbacks if isinstance(c, kinds)]
+        # every evaluator's initial / latest / best, merged (semi runs add ClassificationEvaluator's val/error,
+        # linear-eval configs callbacks.linear's val/linear_top1 / val/svm_top1)
+        evaluators = [c for c in self.trainer.callbacks if isinstance(c, Scoreboard)]
         initial, final, best = ({k: v for e in evaluators for k, v in getattr(e, part).items()}
                                 for part in ("initial", "latest", "best"))
         if self.trainer.is_global_zero:
-            run = self.config[self.subcommand].run
-            summary = {"run": {"method": run.method, "dataset": run.dataset, "variant": run.variant},
+            summary = {"run": {**run_metadata(self.config[self.subcommand]), "git_commit": git_commit()},
                        "initial": initial, "final": final, "best": best}
             Path(self.run_dir, "final_metrics.json").write_text(json.dumps(summary, indent=2))
             print(f"\nrun directory: {self.run_dir}\n"

@@ -64,6 +64,7 @@ class Trunk(nn.Module):
         self.frozen_bn, self.frozen_bn_affine = frozen_bn, frozen_bn_affine
         self.input_mean = None if input_mean is None else tuple(float(m) for m in input_mean)
         self.input_std = None if input_std is None else tuple(float(s) for s in input_std)
+        self.stage_aliases: dict[str, str] = {}  # friendly stage name -> child name (set by build_backbone)
         if frozen_bn:
             freeze_batchnorm(net, affine=frozen_bn_affine)
 
@@ -75,6 +76,19 @@ class Trunk(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def stage_names(self) -> list[str]:
+        """Names `insert` accepts: the network's top-level children, plus the architecture's aliases."""
+        return [*self.stage_aliases, *(n for n, _ in self.net.named_children())]
+
+    def insert(self, stage: str, module: nn.Module) -> None:
+        """Run `module` on the output of `stage` (SAN's "insert at a named stage"): the stage becomes
+        `Sequential(stage, module)`, so its weights load before the insertion and the upper network is
+        untouched. Insert after the weights are loaded (the stage's keys gain a `.0`)."""
+        path = self.stage_aliases.get(stage, stage)
+        if stage not in self.stage_names():
+            raise ValueError(f"unknown stage {stage!r} for insertion; use one of {self.stage_names()}")
+        setattr(self.net, path, nn.Sequential(getattr(self.net, path), module))
 
     def feature_map(self, x: Tensor) -> Tensor:
         """(B, C, h, w): the last spatial map, whose global average is `forward(x)`; attention modules
@@ -308,6 +322,9 @@ def _wrn28(in_chans: int, filters: int) -> tuple[nn.Module, int]:
     return net, channels
 
 
+# names for stages of nets whose children are numbered (small_cnn: the ReLU ending each conv block)
+_STAGE_ALIASES = {"small_cnn": {"block1": "2", "block2": "5", "block3": "8", "block4": "11"}}
+
 _ARCHS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "cifar_resnet18": _cifar_resnet18,
     "resnet18": partial(_imagenet_resnet, "resnet18"),
@@ -453,4 +470,6 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | None = No
     if state is not None:
         load_trunk_weights(net, state, source=f"{weights or 'the download'} (backbone {name!r})")
     mean, std = (pretrained_input(name, net, in_chans) if pretrained else None) or (None, None)
-    return Trunk(net, dim, frozen_bn, frozen_bn_affine, input_mean=mean, input_std=std), dim
+    trunk = Trunk(net, dim, frozen_bn, frozen_bn_affine, input_mean=mean, input_std=std)
+    trunk.stage_aliases = dict(_STAGE_ALIASES.get(name, {}))
+    return trunk, dim

@@ -22,7 +22,8 @@ from lightning_modules.heads import EmbeddingHead
 @dataclass
 class Optim:
     """Optimizer and parameter groups. `lr_mult` maps a parameter-name prefix (e.g. "head") to an lr
-    multiplier; `decay_norm_and_bias=False` puts norms and biases in a group without weight decay."""
+    multiplier; `decay_norm_and_bias=False` puts norms and biases in a group without weight decay, and
+    `no_decay` lists parameter-name prefixes that never decay (LMCS's composition network)."""
 
     name: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.03
@@ -32,22 +33,28 @@ class Optim:
     weight_decay: float = 5e-4
     decay_norm_and_bias: bool = True
     lr_mult: dict[str, float] = field(default_factory=dict)
+    no_decay: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Schedule:
     """lr factor per epoch. step: `factors[i]` of the initial lr from epoch `milestones[i]` on;
-    cosine: from 1 to `min_factor` over max_epochs; constant: 1. Optional linear warmup."""
+    cosine: from 1 to `min_factor` over max_epochs; constant: 1. Optional linear warmup.
+    restart_every: > 0 restarts the schedule every that many epochs (training rounds, EIR's 2Rs / 5Rs:
+    each round is the schedule over restart_every epochs; weights and optimizer state carry on)."""
 
     name: str = "constant"  # constant | step | cosine
     milestones: list[int] = field(default_factory=list)
     factors: list[float] = field(default_factory=list)
     min_factor: float = 0.0
     warmup_epochs: int = 0
+    restart_every: int = 0
 
 
 def lr_factor(epoch: int, schedule: Schedule, max_epochs: int) -> float:
     """The lr multiplier at `epoch` (0-based): a pure function, so a resumed run continues exactly."""
+    if schedule.restart_every > 0:
+        epoch, max_epochs = epoch % schedule.restart_every, schedule.restart_every
     warm = min(1.0, (epoch + 1) / schedule.warmup_epochs) if schedule.warmup_epochs else 1.0
     if schedule.name == "constant":
         return warm
@@ -67,7 +74,7 @@ def parameter_groups(model: nn.Module, optim: Optim) -> list[dict]:
         if not param.requires_grad:
             continue
         mult = next((m for prefix, m in optim.lr_mult.items() if name.startswith(prefix)), 1.0)
-        no_decay = not optim.decay_norm_and_bias and param.ndim <= 1
+        no_decay = (not optim.decay_norm_and_bias and param.ndim <= 1) or name.startswith(tuple(optim.no_decay))
         groups.setdefault((mult, 0.0 if no_decay else optim.weight_decay), []).append(param)
     return [{"params": ps, "lr": optim.lr * m, "weight_decay": wd} for (m, wd), ps in groups.items()]
 
@@ -92,6 +99,12 @@ def divergence_message(loss: float, epoch: int, step: int, checkpoint: str | Non
             "win), or check the inputs.")
 
 
+def channels_last_inputs(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: 4-D tensor inputs in channels_last memory format (the values are unchanged)."""
+    return tuple(a.contiguous(memory_format=torch.channels_last) if torch.is_tensor(a) and a.ndim == 4 else a
+                 for a in args)
+
+
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
     """target <- decay * target + (1 - decay) * source for parameters; buffers (BN statistics) copied."""
@@ -106,6 +119,9 @@ class EmbeddingModule(L.LightningModule):
 
     `ema_pairs` lists (target, source) attribute names that the base moves by EMA after every
     optimizer step with `ema_decay`; the evaluation embedding is `embed()`.
+    channels_last: backbone weights and image inputs in NHWC (faster convolutions under GPU autocast).
+    compile: `torch.compile` the backbone in place (`nn.Module.compile`: parameter names, checkpoints and
+      EMA pairs are unchanged) with `compile_backend`; the first steps pay the compilation.
     """
 
     ema_pairs: tuple[tuple[str, str], ...] = ()
@@ -122,6 +138,9 @@ class EmbeddingModule(L.LightningModule):
         optim: Optim | None = None,
         schedule: Schedule | None = None,
         ema_decay: float = 0.999,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -131,6 +150,11 @@ class EmbeddingModule(L.LightningModule):
                                                  frozen_bn=frozen_bn, in_chans=in_chans,
                                                  frozen_bn_affine=frozen_bn_affine)
         self.head = EmbeddingHead(feature_dim, embedding_dim)
+        if channels_last:  # every method's call of the trunk then gets NHWC inputs
+            self.trunk.to(memory_format=torch.channels_last)
+            self.trunk.register_forward_pre_hook(channels_last_inputs)
+        if compile:
+            self.trunk.compile(backend=compile_backend)
 
     # -- embedding ------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:

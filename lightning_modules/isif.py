@@ -12,6 +12,15 @@ import torch
 
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.losses import fp32, log1mexp
+from lightning_modules.relations import (
+    MemoryBank,
+    Relations,
+    gather_rows,
+    relation_terms,
+    step_rng,
+    training_set_size,
+    weighted_sum,
+)
 
 
 def _keep_negatives(sim: torch.Tensor, negatives: torch.Tensor, selection: str) -> torch.Tensor:
@@ -80,10 +89,14 @@ class ISIF(EmbeddingModule):
       saw the whole batch); gradients flow back to each rank's own rows.
     bn_per_view: forward the two views separately (BN statistics per view, as the official 4-GPU
       DataParallel did); default one forward of the 2N batch (spec §3.4 [R]).
+    relations: EIR's instance-relation terms on top of the ISIF loss (`lightning_modules.relations`; off by
+      default). The intra term needs a memory bank of all N training embeddings (momentum
+      `memory_momentum`, written with view 1's features); `seed` seeds it and the mixing draws.
     """
 
     def __init__(self, temperature: float = 0.1, variant: str = "symmetric", detach_candidates: bool = True,
                  negative_selection: str = "all", gather_negatives: bool = True, bn_per_view: bool = False,
+                 relations: Relations | None = None, memory_momentum: float = 0.5, seed: int = 0,
                  **kwargs):
         super().__init__(**kwargs)
         if variant not in ("symmetric", "literal"):
@@ -93,15 +106,30 @@ class ISIF(EmbeddingModule):
         self.temperature, self.variant, self.detach_candidates = temperature, variant, detach_candidates
         self.negative_selection, self.gather_negatives, self.bn_per_view = (
             negative_selection, gather_negatives, bn_per_view)
+        self.relations, self.seed = relations or Relations(), seed
+        needs_bank = self.relations.needs_bank
+        self.bank = MemoryBank(self.hparams.embedding_dim, memory_momentum, seed) if needs_bank else None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.bank is not None:
+            self.bank.resize(training_set_size(self.trainer))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         v1, v2 = batch["views"][:2]
         z1, z2 = [self(v).float() for v in (v1, v2)] if self.bn_per_view else self.embed_views([v1, v2])
+        related = relation_terms(self, [v1, v2], z1, z2, batch["index"], self.relations, self.bank,
+                                 step_rng(self.seed, self.global_step, self.global_rank), self.gather_negatives)
+        if self.bank is not None:
+            self.bank.update(*gather_rows(self, batch["index"], z1.detach()))
         if self.gather_negatives:
             z1, z2 = self.gather(z1), self.gather(z2)
         if self.variant == "literal":
             terms = isif_loss_literal(z1, z2, self.temperature, self.detach_candidates)
         else:
             terms = isif_loss(z1, z2, self.temperature, self.detach_candidates, self.negative_selection)
+        if related:
+            terms = {**terms, "isif": terms["loss"], **related,
+                     "loss": weighted_sum(terms["loss"], related, self.relations)}
         self.log_terms(terms, embedding=z1)
         return terms["loss"]

@@ -57,3 +57,37 @@ def multi_similarity_loss(query: torch.Tensor, query_labels: torch.Tensor, keys:
     positive[mined[0], mined[1]] = 1
     negative[mined[2], mined[3]] = 1
     return loss._compute_loss(sim, positive, negative)["loss"]["losses"].mean()
+
+
+@fp32
+def contrastive_memory_loss(query: torch.Tensor, query_labels: torch.Tensor, keys: torch.Tensor,
+                            key_labels: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """XBM's contrastive memory loss on unit embeddings, through pytorch-metric-learning's `ContrastiveLoss`
+    (cosine similarity, pos_margin 1, neg_margin `margin`, summed over pairs): for each query, Σ_pos (1 − s)
+    + Σ_neg,s>margin (s − margin), divided by the number of queries. Positive pairs with s >= 1 − 1e-5 (a
+    key equal to its query) are left out, as in the XBM code. XBM's negative term is s rather than
+    s − margin: the same gradient, the value lower by `margin` per active negative."""
+    from pytorch_metric_learning import distances, losses, reducers
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    anchor_p, positive, anchor_n, negative = lmu.get_all_pairs_indices(query_labels, key_labels)
+    keep = (query[anchor_p] * keys[positive]).sum(1) < 1 - 1e-5
+    loss = losses.ContrastiveLoss(pos_margin=1.0, neg_margin=margin, distance=distances.CosineSimilarity(),
+                                  reducer=reducers.SumReducer())
+    pairs = (anchor_p[keep], positive[keep], anchor_n, negative)
+    return loss(query, query_labels, pairs, keys, key_labels) / len(query)
+
+
+def proxy_anchor_loss(num_classes: int, embedding_dim: int, alpha: float = 32.0,
+                      margin: float = 0.1) -> torch.nn.Module:
+    """pytorch-metric-learning's Proxy-Anchor loss (Kim et al. 2020): a module holding the class proxies
+    (learnable; the PA code trains them at 100x the lr, a `lr_mult` on the module's name)."""
+    from pytorch_metric_learning import losses
+
+    return losses.ProxyAnchorLoss(num_classes, embedding_dim, margin=margin, alpha=alpha)
+
+
+@fp32
+def proxy_anchor(proxies: torch.nn.Module, embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Apply a `proxy_anchor_loss` module in fp32: its logits alpha * s (alpha = 32) lose precision in bf16."""
+    return proxies(embedding, labels)

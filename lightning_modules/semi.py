@@ -278,10 +278,12 @@ class SemiSupervised(EmbeddingModule):
         mean_probs = torch.stack([self(v).float().softmax(dim=1) for v in views]).mean(dim=0)
         return sharpen(mean_probs, self.sharpen_temperature)
 
-    def mixmatch_terms(self, labeled: dict, unlabeled: dict) -> dict[str, Tensor]:
+    def mixmatch_terms(self, labeled: dict, unlabeled: dict, guess: Tensor | None = None) -> dict[str, Tensor]:
+        """guess: the guessed distribution of the unlabeled rows when the caller has it (LMCS's master);
+        None: `label_guess`."""
         x = labeled["views"][0]
         views = unlabeled["views"]
-        guess = self.label_guess(views)
+        guess = self.label_guess(views) if guess is None else guess
         inputs = torch.cat([x, *views])
         targets = torch.cat([F.one_hot(labeled["target"], self.num_classes).float(), *[guess] * len(views)])
         lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample((len(inputs),)).to(x.device)

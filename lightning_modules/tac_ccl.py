@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.losses import fp32, multi_similarity_loss
+from lightning_modules.memory import IndexedMemory
 
 HOMOGRAPHY_KINDS = ("crop", "zoom", "rotation", "perspective")
 
@@ -388,7 +389,7 @@ class SecondView(NamedTuple):
     weights: Tensor | None = None        # (B, n): 1 for a matched keypoint, 0 for padding
 
 
-class TACCCL(EmbeddingModule):
+class TACCCL(IndexedMemory, EmbeddingModule):
     """TAC-CCL on P x K batches over k-means pseudo labels (needs the KMeansPseudoLabels callback).
 
     ms_alpha, ms_beta, ms_threshold, ms_margin: MS loss α, β, λ, ε (MS code: 2, 40, 0.5, 0.1).
@@ -439,9 +440,7 @@ class TACCCL(EmbeddingModule):
         nn.init.zeros_(self.head.linear.bias)
         self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("centers", torch.zeros(0, self.hparams.embedding_dim), persistent=False)
-        self.register_buffer("memory_embedding", torch.zeros(0, self.hparams.embedding_dim))
-        self.register_buffer("memory_index", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("memory_cursor", torch.zeros((), dtype=torch.long))
+        self.register_memory(self.hparams.embedding_dim)
 
     # -- network --------------------------------------------------------------------------------
     def attend(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -460,26 +459,10 @@ class TACCCL(EmbeddingModule):
         self.pseudo_labels = torch.as_tensor(labels).to(self.device, torch.long)
         self.centers = torch.as_tensor(centers).to(self.device, torch.float32)
         if embedding is not None and self.memory_weight:
-            self.memory_embedding = embedding.detach().to(self.device, torch.float32).clone()
-            self.memory_index = torch.arange(len(embedding), device=self.device)
-            self.memory_cursor.zero_()
-
-    @torch.no_grad()
-    def enqueue(self, embedding: Tensor, index: Tensor) -> None:
-        """FIFO update with every rank's batch, so the banks of all ranks stay identical. Out of place: the
-        step's memory term, not yet back-propagated, still holds the old bank."""
-        if self._trainer is not None and self.trainer.world_size > 1:
-            embedding, index = (self.all_gather(t).flatten(0, 1) for t in (embedding, index))
-        slots = (self.memory_cursor + torch.arange(len(index), device=self.device)) % len(self.memory_index)
-        self.memory_embedding = self.memory_embedding.index_copy(0, slots, embedding.float())
-        self.memory_index = self.memory_index.index_copy(0, slots, index)
-        self.memory_cursor.copy_((self.memory_cursor + len(index)) % len(self.memory_index))
+            self.refill_memory(embedding)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """The bank's size is the training set's, unknown at construction: take the checkpoint's shapes."""
-        state = checkpoint["state_dict"]
-        for name in ("memory_embedding", "memory_index"):
-            setattr(self, name, torch.empty_like(state[name], device=self.device))
+        self.resize_buffers_from(checkpoint, ("memory_embedding", "memory_index"))
 
     # -- training -------------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:

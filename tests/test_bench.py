@@ -2,7 +2,7 @@
 asserted: timings live in the benchmark's output, never in a test)."""
 import re
 
-from experiments.bench import SECTIONS
+from experiments.bench import SECTIONS, gemm_floor, machine, main
 
 
 def table_rows(text: str, first_cell: str) -> list[list[str]]:
@@ -29,8 +29,10 @@ def test_tac_ccl_section_compares_faiss_with_scikit_learn_and_times_both_models(
     assert float(digits[2]) > 0 and float(digits[3]) > 0
 
 
-def test_evaluation_section_implementations_agree():
-    text = SECTIONS["evaluation"](True)
+def test_evaluation_section_implementations_agree(capsys):
+    main(["--only", "evaluation", "--quick"])
+    text = capsys.readouterr().out
+    assert text.startswith(f"## make bench --quick: {machine()[:-len('2026-01-01 00:00 UTC')]}")  # once, on top
     rows = [r for r in table_rows(text, "CUB-quick") + table_rows(text, "SOP-quick")
             if r[2] in ("kNN top-1", "Recall@K")]
     assert len(rows) == 4
@@ -38,3 +40,25 @@ def test_evaluation_section_implementations_agree():
         ours, faiss, torch = row[-1].split(" / ")
         assert ours == faiss == torch, row
         assert re.fullmatch(r"[\d.,]+", ours)
+    floor_rows = table_rows(text, "3,000 x 128") + table_rows(text, "6,000 x 128")
+    assert len(floor_rows) == 2
+    for _, ours, floor, ratio, faiss, faiss_ratio in floor_rows:
+        assert float(floor) > 0 and float(ours) > 0 and float(faiss) > 0
+        o, f, half = float(ours), float(floor), 0.005  # the seconds are printed to 2 decimals
+        assert (o - half) / (f + half) - half <= float(ratio) <= (o + half) / max(f - half, 1e-9) + half
+
+
+def test_machine_names_cpu_cores_and_gpu():
+    assert re.fullmatch(r".+, \d+ CPU cores; (no GPU|\d+ x .+ \(\d+ GiB\)); host .*; \d{4}-\d\d-\d\d \d\d:\d\d UTC",
+                        machine())
+
+
+def test_gemm_floor_writes_every_tile_of_the_similarity_matrix(monkeypatch):
+    # The floor must do the whole N x N product: record every tile's rows and columns.
+    import torch
+
+    seen = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, out: seen.append((a.shape[0], b.shape[1])) or real_mm(a, b, out=out))
+    gemm_floor(torch.randn(10, 4), rows=4, cols=3)
+    assert sum(r * c for r, c in seen) == 100 and len(seen) == 3 * 4

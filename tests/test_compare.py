@@ -1,8 +1,23 @@
 import json
+import re
+from types import SimpleNamespace
 
 import pandas as pd
+import pytest
+from PIL import Image
 
-from experiments.compare import PAPER_RESULTS, comparison
+from experiments.compare import (
+    PAPER_RESULTS,
+    comparison,
+    local_runs,
+    main,
+    markdown,
+    read_papers,
+    select,
+    wandb_runs,
+)
+from experiments.train import main as train_main
+from tests.fixtures import write_cifar10
 
 
 def write_run(path, method, dataset, final, variant=""):
@@ -40,3 +55,73 @@ def test_a_variant_run_lines_up_with_its_published_row(tmp_path):
     # the papers report one model (val/error), not the student
     assert table.loc[table["val/error_student"].notna(), "run"].tolist() == ["r"]
     assert not any(c.startswith(("val/knn", "val/recall")) for c in table)
+
+
+# -- real runs, outputs, W&B, the published numbers ------------------------------------------------
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two real 2-epoch ISIF runs on a tiny CIFAR-10 copy: one logging to W&B offline, one to CSV (with the
+    linear SVM callback added from the command line)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    root = write_cifar10(tmp / "cifar")
+    runs = []
+    for name, logger in (("wandb-run", "wandb"), ("csv-run", "csv")):
+        train_main(["fit", "--config", "experiments/configs/base.yaml", "--config",
+                    "experiments/configs/datasets/cifar10.yaml", "--config", "experiments/configs/isif/cifar10.yaml",
+                    f"--data.init_args.root={root}", "--data.init_args.allow_partial=true",
+                    "--data.init_args.batch_size=16", "--data.init_args.num_workers=0",
+                    "--model.init_args.backbone=small_cnn", "--trainer.max_epochs=2",
+                    "--trainer.check_val_every_n_epoch=1", "--trainer.precision=32-true", "--evaluation.nmi=false",
+                    "--trainer.enable_progress_bar=false", f"--run.dir={tmp / name}", f"--run.logger={logger}",
+                    "--run.method=isif", "--run.dataset=cifar10", f"--run.tags=[{name}]",
+                    *(["--trainer.callbacks+=callbacks.linear.LinearSVM"] if logger == "csv" else [])])
+        runs.append(tmp / name)
+    return runs
+
+
+def test_two_real_runs_beside_the_paper(two_runs, tmp_path, capsys):
+    table = comparison(two_runs, read_papers())
+    assert table["run"].tolist() == ["csv-run", "paper: ISIF Table 1", "wandb-run"]
+    finals = [json.loads((d / "final_metrics.json").read_text())["final"] for d in two_runs]
+    assert table.set_index("run").loc[["wandb-run", "csv-run"], "val/knn_top1"].tolist() == [
+        f["val/knn_top1"] for f in finals]
+    assert table.set_index("run").loc["paper: ISIF Table 1", "val/knn_top1"] == 83.6
+    # a linear-eval callback's metric reaches final_metrics.json and the table (callbacks.linear)
+    assert table.set_index("run")["val/svm_top1"].notna().tolist() == [True, False, False]
+    main([*map(str, two_runs), "--out", str(tmp_path / "out"), "--metrics", "val/knn_top1"])
+    assert capsys.readouterr().out.startswith(markdown(table))
+    assert (tmp_path / "out" / "table.md").read_text() == markdown(table) + "\n"
+    for picture in ("bars.png", "curves.png"):  # curves: the CSV run's two epochs
+        with Image.open(tmp_path / "out" / picture) as image:
+            assert image.format == "PNG" and image.size[0] >= 450
+
+
+def test_runs_carry_their_tags_and_group_for_filters(two_runs):
+    meta = json.loads((two_runs[0] / "final_metrics.json").read_text())["run"]
+    assert meta["group"] == "isif-cifar10" and meta["protocol"] == "seen"
+    assert meta["tags"] == ["method:isif", "dataset:cifar10", "protocol:seen", "wandb-run"]
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|", meta["git_commit"])
+    runs = local_runs(two_runs)
+    assert select(runs, tag="csv-run")["run"].tolist() == ["csv-run"]
+    assert select(runs, method="isif", tag="isif-cifar10")["run"].tolist() == ["wandb-run", "csv-run"]
+    assert select(runs, dataset="cub").empty
+
+
+def test_wandb_project_runs_become_rows():
+    run = SimpleNamespace(name="r1", config={"run.method": "umm", "run.dataset": "cub", "run.variant": ""},
+                          summary={"val/recall@1": 40.0, "initial/recall@1": 10.0, "_step": 3}, group="umm-cub",
+                          tags=["method:umm"], path=["me", "embedding-suite", "abc"])
+    api = SimpleNamespace(runs=lambda project: [run] if project == "me/embedding-suite" else [])
+    rows = wandb_runs("me/embedding-suite", api=api)
+    assert rows.iloc[0][["run", "method", "dataset", "val/recall@1", "path"]].tolist() == [
+        "r1", "umm", "cub", 40.0, "wandb:me/embedding-suite/abc"]
+    assert "initial/recall@1" not in rows and "_step" not in rows
+
+
+def test_every_published_number_names_its_table_and_is_a_percentage():
+    papers = read_papers()
+    assert len(papers) > 50
+    for row in papers.itertuples():
+        assert re.search(r"\bTable \d+(\.\d+)?\b", row.source), row  # e.g. "ISIF Table 2", "Dissertation Table 4.4"
+        assert 0 <= row.value <= 100, row
+        assert row.metric.startswith("val/"), row  # the names the runs log

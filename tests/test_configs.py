@@ -8,7 +8,10 @@ from experiments.train import RUN_DIR_ENV, SuiteCLI
 
 CONFIGS = Path("experiments/configs")
 METHODS = {"isif": "lightning_modules.isif.ISIF", "umm": "lightning_modules.umm.UMM",
-           "tac_ccl": "lightning_modules.tac_ccl.TACCCL", "snowball": "lightning_modules.snowball.Snowball"}
+           "tac_ccl": "lightning_modules.tac_ccl.TACCCL", "snowball": "lightning_modules.snowball.Snowball",
+           "roul": "lightning_modules.roul.ROUL", "lmcs": "lightning_modules.lmcs.LMCS",
+           "eir": "lightning_modules.eir.EIR"}
+OVERLAYS = {CONFIGS / "eir" / "relations.yaml"}  # added on another method's config (tests/test_eir.py)
 
 
 def files(config: Path) -> list[str]:
@@ -34,12 +37,12 @@ def callbacks(cfg) -> list[str]:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_config_of_a_method_parses_to_its_module(parser, method):
-    configs = sorted((CONFIGS / method).glob("*.yaml"))
+    configs = sorted(set((CONFIGS / method).glob("*.yaml")) - OVERLAYS)
     assert len(configs) >= 5
     for config in configs:
         cfg = parser.parse_args(files(config))
         expected = METHODS[method]
-        if config.stem == "digits-supervised":  # the Snowball baseline: the semi base, labels only
+        if config.stem in ("digits-supervised", "digits-mixmatch"):  # Snowball's / LMCS's baseline: the semi base
             expected = "lightning_modules.semi.SemiSupervised"
         assert cfg.model.class_path == expected, config
         if method == "umm":
@@ -48,6 +51,17 @@ def test_every_config_of_a_method_parses_to_its_module(parser, method):
             assert "callbacks.pseudo_labels.KMeansPseudoLabels" in callbacks(cfg), config
             protocol = "seen" if config.stem == "digits" else "unseen"  # digits: headroom from scratch
             assert cfg.data.init_args.protocol == protocol and cfg.data.init_args.sampler == "pk", config
+        if method == "roul":  # unseen split everywhere (digits included: NMI has the headroom)
+            assert "callbacks.pseudo_labels.KMeansPseudoLabels" in callbacks(cfg), config
+            assert cfg.data.init_args.protocol == "unseen" and cfg.data.init_args.sampler == "pk", config
+            assert cfg.evaluation.refine_m >= 2, config  # every run reports Recall@K with and without refinement
+        if method == "lmcs":
+            assert callbacks(cfg)[0] == "callbacks.evaluation.ClassificationEvaluator", config
+            if config.stem != "digits-mixmatch":
+                assert callbacks(cfg)[1] == "callbacks.sample_discovery.CriticalSampleDiscovery", config
+                c = cfg.model.init_args.curriculum
+                assert cfg.trainer.max_epochs == c.phase0_epochs + c.generations * c.iteration_epochs, config
+            assert cfg.data.init_args.split_seed is None and cfg.data.init_args.protocol == "semi", config
         if method == "snowball":
             assert callbacks(cfg)[0] == "callbacks.evaluation.ClassificationEvaluator", config
             if config.stem != "digits-supervised":
@@ -74,6 +88,19 @@ def test_tac_ccl_ablation_rows_parse_from_the_command_line(parser, flags, expect
         assert args.cross["probability"] == 0
     if "--model.cross.mode=literal" in flags:
         assert args.cross["mode"] == "literal"
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--model.roc_weight=0", "--model.moc_weight=0", "--model.order_weight=0"],  # Table 4 Baseline: no Φ
+     {"roc_weight": 0.0, "moc_weight": 0.0, "order_weight": 0.0}),
+    (["--model.moc_weight=0"], {"roc_weight": 0.1, "moc_weight": 0.0, "order_weight": 1.0}),  # + ROC
+    ([], {"roc_weight": 0.1, "moc_weight": 1.0, "order_weight": 1.0}),  # + MOC (the full method)
+    (["--model.core_rule=quantile", "--model.moc_sign=literal"], {"core_rule": "quantile", "moc_sign": "literal"}),
+])
+def test_roul_ablation_rows_parse_from_the_command_line(parser, flags, expected):
+    args = parser.parse_args([*files(CONFIGS / "roul" / "cub.yaml"), *flags]).model.init_args
+    for key, value in expected.items():
+        assert args[key] == value, key
 
 
 def test_a_misspelt_key_is_rejected(parser):
@@ -151,6 +178,38 @@ TAC_CCL = {"model.embedding_dim": 512, "model.ms_alpha": 2.0, "model.ms_beta": 4
            "data.samples_per_class": 5, "trainer.callbacks.KMeansPseudoLabels.every_n_epochs": 20}
 TAC_CCL_GOOGLENET = {**TAC_CCL, "model.backbone": "googlenet", "model.frozen_bn": True, "model.optim.lr": 3e-5,
                      "model.schedule.factors": [0.1], "data.image_size": 227}
+# roul.md §5 (Hyperparameters)
+ROUL = {"model.embedding_dim": 128, "model.ms_alpha": 2.0, "model.ms_beta": 40.0, "model.ms_threshold": 0.5,
+        "model.ms_margin": 0.1, "model.mv_weight": 1.0, "model.mv_h": 0.1, "model.roc_weight": 0.1,
+        "model.roc_alpha": 0.1, "model.moc_weight": 1.0, "model.moc_beta": 0.1, "model.order_weight": 1.0,
+        "model.core_fraction": 0.3, "model.self_augment.views": 2, "model.optim.name": "adam",
+        "model.optim.weight_decay": 5e-4, "model.schedule.name": "step", "model.schedule.factors": [0.1],
+        "data.batch_size": 80, "data.samples_per_class": 5, "evaluation.refine_alpha": 10.0,
+        "evaluation.refine_lambda": 1.0}
+ROUL_GOOGLENET = {**ROUL, "model.backbone": "googlenet", "model.pretrained": True, "model.frozen_bn": True,
+                  "model.optim.lr": 3e-5, "model.optim.lr_mult": {"order_head": 3.3333333333}, "data.image_size": 227}
+ROUL_FINE = {**ROUL_GOOGLENET, "trainer.max_epochs": 60, "model.schedule.milestones": [40],
+             "trainer.callbacks.KMeansPseudoLabels.num_clusters": 100,
+             "trainer.callbacks.KMeansPseudoLabels.every_n_epochs": 20, "evaluation.recall_ks": [1, 2, 4, 8],
+             "evaluation.refine_m": 32}
+ROUL_SOP = {"trainer.callbacks.KMeansPseudoLabels.num_clusters": 10_000,
+            "trainer.callbacks.KMeansPseudoLabels.every_n_epochs": 5, "evaluation.recall_ks": [1, 10, 100],
+            "evaluation.refine_m": 100}
+# eir.md §5 (Hyperparameters: one table for every dataset), §2 (ResNet18 from scratch, CIFAR-style stem at
+# 32/96 px, ImageNet-style at 224 px: A13) and §6 (kNN k=200 / LC / Recall@1-8)
+EIR = {"model.embedding_dim": 128, "model.pretrained": False, "model.temperature": 0.1,
+       "model.relations.intra_weight": 15.0, "model.relations.inter_weight": 2.0, "model.optim.name": "sgd",
+       "model.optim.lr": 0.03, "model.optim.momentum": 0.9, "model.optim.weight_decay": 5e-4,
+       "model.schedule.name": "step", "model.schedule.milestones": [120, 160], "model.schedule.factors": [0.1, 0.01],
+       "trainer.max_epochs": 200, "data.batch_size": 128}
+EIR_SMALL = {**EIR, "model.backbone": "cifar_resnet18"}
+EIR_224 = {**EIR, "model.backbone": "resnet18", "data.image_size": 224}
+# §6.2 LC: Linear(512, C) on the frozen conv5 features, lr 0.1, 100 epochs, batch 256, wd 0; the configs step
+# x0.1 at 60/80 instead of the spec's cosine decay (tagged [R]: callbacks.linear has no cosine schedule)
+EIR_LC = {"evaluation.knn_k": 200, "trainer.callbacks.LinearProbe.features": "backbone",
+          "trainer.callbacks.LinearProbe.lr": 0.1, "trainer.callbacks.LinearProbe.epochs": 100,
+          "trainer.callbacks.LinearProbe.batch_size": 256, "trainer.callbacks.LinearProbe.weight_decay": 0.0,
+          "trainer.callbacks.LinearProbe.milestones": [60, 80]}
 # snowball.md §5 (Snowball-specific and base-method tables)
 SNOWBALL = {"model.ema_decay": 0.999, "model.master_decay": 0.999}
 MEAN_TEACHER_RESNET26 = {**SNOWBALL, "model.learner": "mean_teacher", "model.backbone": "shakeshake26",
@@ -166,6 +225,23 @@ MIXMATCH = {**SNOWBALL, "model.learner": "mixmatch", "model.ema_decay_rampup": 0
             "model.sharpen_temperature": 0.5, "model.mixup_alpha": 0.75, "model.optim.name": "adamw",
             "model.optim.lr": 0.002, "model.optim.decay_norm_and_bias": False, "model.schedule.name": "constant",
             "data.batch_size": 64, "data.labeled_batch_size": 64}
+# lmcs.md §5 (Hyperparameters: MixMatch's recipe [MM-code] with decoupled wd 0.02 x lr on kernels, the chapter's
+# EMA student 0.999 / master 0.99 / 10-epoch step, REC E0 = 1024 and E_gen = 200 epochs of 1024 iterations),
+# §3.5 (confined maximum entropy search) and §6 (median error of the last 20 evaluations)
+LMCS = {"model.learner": "mixmatch", "model.sharpen_temperature": 0.5, "model.mixup_alpha": 0.75,
+        "model.rampup_steps": 16_384, "model.ema_decay": 0.999, "model.master_decay": 0.99, "model.step_epochs": 10,
+        "model.optim.name": "adamw", "model.optim.lr": 0.002, "model.optim.weight_decay": 0.02,
+        "model.optim.decay_norm_and_bias": False, "model.schedule.name": "constant", "data.batch_size": 64,
+        "data.labeled_batch_size": 64, "data.steps_per_epoch": 1024, "model.curriculum.phase0_epochs": 1024,
+        "model.curriculum.iteration_epochs": 200,
+        "trainer.callbacks.CriticalSampleDiscovery.mode": "confined_max_entropy",
+        "trainer.callbacks.ClassificationEvaluator.median_window": 20}
+# R_L = 10 reached in G = 4 doublings (2x, 4x, 8x, 10x: §3.6); backbones §2; lambda_U per column of §5
+LMCS_R10 = {**LMCS, "trainer.callbacks.CriticalSampleDiscovery.max_ratio": 10.0, "trainer.max_epochs": 1024 + 4 * 200}
+LMCS_WRN_CIFAR10 = {**LMCS_R10, "model.backbone": "wrn28_2", "model.consistency_weight": 75.0}
+LMCS_WRN_SVHN = {**LMCS_R10, "model.backbone": "wrn28_2", "model.consistency_weight": 250.0}
+LMCS_CNN13_CIFAR10 = {**LMCS_R10, "model.backbone": "convnet13_mixmatch", "model.consistency_weight": 75.0}
+LMCS_CNN13_CIFAR100 = {**LMCS, "model.backbone": "convnet13_mixmatch", "model.consistency_weight": 150.0}
 
 PAPER_VALUES = {
     "isif/cifar10": {**ISIF_SEEN, "model.backbone": "cifar_resnet18"},
@@ -199,6 +275,24 @@ PAPER_VALUES = {
                              "trainer.max_epochs": 100, "data.image_size": 224,
                              "trainer.callbacks.KMeansPseudoLabels.num_clusters": 10_000,
                              "evaluation.recall_ks": [1, 10, 100]},
+    "roul/cub": ROUL_FINE,
+    "roul/cars": ROUL_FINE,
+    "roul/sop": {**ROUL_GOOGLENET, **ROUL_SOP, "trainer.max_epochs": 30, "model.schedule.milestones": [20]},
+    "roul/sop-resnet18": {**ROUL, **ROUL_SOP, "model.backbone": "resnet18", "model.frozen_bn": False,
+                          "model.optim.lr": 1e-4, "trainer.max_epochs": 100, "model.schedule.milestones": [67],
+                          "data.image_size": 224},
+    # seen: kNN k=200 (Table 2 adds k=5/20) and Recall@1-8 on the test split (Table 5)
+    "eir/cifar10": {**EIR_SMALL, "data.image_size": 32, "evaluation.knn_k": 200, "evaluation.knn_extra_ks": [5, 20],
+                    "evaluation.recall_ks": [1, 2, 4, 8]},
+    "eir/cifar100": {**EIR_SMALL, "data.image_size": 32, "evaluation.knn_k": 200,
+                     "evaluation.recall_ks": [1, 2, 4, 8]},
+    # Table 3: pre-trained on 105K (train+unlabeled) or the labelled 5K; kNN and LC
+    "eir/stl10": {**EIR_SMALL, **EIR_LC, "data.image_size": 96, "data.train_split": "train+unlabeled"},
+    "eir/stl10-5k": {**EIR_SMALL, **EIR_LC, "data.image_size": 96, "data.train_split": "train"},
+    "eir/imagenet100": {**EIR_224, **EIR_LC},  # Table 4
+    # unseen (first 100 / 98 classes), Recall@1-8 (Table 5)
+    "eir/cub": {**EIR_224, "data.protocol": "unseen", "evaluation.recall_ks": [1, 2, 4, 8]},
+    "eir/cars": {**EIR_224, "data.protocol": "unseen", "evaluation.recall_ks": [1, 2, 4, 8]},
     # ResNet-26: MT's CIFAR-10 recipe; the sigmoid ramp-up is 5 epochs of the unlabelled stream (97 per step)
     "snowball/cifar10": {**MEAN_TEACHER_RESNET26, "data.labels_per_class": 100, "model.rampup_steps": 5 * 515},
     "snowball/cifar10-250": {**MEAN_TEACHER_RESNET26, "data.labels_per_class": 25, "model.rampup_steps": 5 * 515},
@@ -219,6 +313,29 @@ PAPER_VALUES = {
                               "model.backbone": "wrn28_135", "data.labels_per_class": 400},
     "snowball/cifar100-mixmatch": {**MIXMATCH, "model.consistency_weight": 150.0, "model.optim.weight_decay": 0.02,
                                    "data.labels_per_class": 100},
+    # LMCS, WRN-28-2 (lmcs.md §2 label counts: CIFAR-10 80 / 100 / 250 / 500, SVHN 100 / 250 / 500)
+    "lmcs/cifar10-80": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 8},
+    "lmcs/cifar10-100": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 10},
+    "lmcs/cifar10": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 25},
+    "lmcs/cifar10-500": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 50},
+    # SVHN: §2 follows MixMatch's class-proportional split; the datamodule draws a balanced one of the same size
+    "lmcs/svhn-100": {**LMCS_WRN_SVHN, "data.labels_per_class": 10},
+    "lmcs/svhn": {**LMCS_WRN_SVHN, "data.labels_per_class": 25},
+    "lmcs/svhn-500": {**LMCS_WRN_SVHN, "data.labels_per_class": 50},
+    # LMCS, ConvNet-13 (§2: CIFAR-10 100 / 250 / 1000, CIFAR-100 4000 / 5000 / 10000 labels)
+    "lmcs/cifar10-convnet13-100": {**LMCS_CNN13_CIFAR10, "data.labels_per_class": 10},
+    "lmcs/cifar10-convnet13-250": {**LMCS_CNN13_CIFAR10, "data.labels_per_class": 25},
+    "lmcs/cifar10-convnet13": {**LMCS_CNN13_CIFAR10, "data.labels_per_class": 100},
+    # CIFAR-100: R_L = 10 with |Omega_M| capped at 40,000 (§5 REC): 4000 -> 40,000 in 4 doublings,
+    # 5000 -> 40,000 (8x) in 3, 10,000 -> 40,000 (4x) in 2
+    "lmcs/cifar100-4000": {**LMCS_CNN13_CIFAR100, "data.labels_per_class": 40,
+                           "trainer.callbacks.CriticalSampleDiscovery.max_ratio": 10.0,
+                           "trainer.max_epochs": 1024 + 4 * 200},
+    "lmcs/cifar100-5000": {**LMCS_CNN13_CIFAR100, "data.labels_per_class": 50,
+                           "trainer.callbacks.CriticalSampleDiscovery.max_ratio": 8.0,
+                           "trainer.max_epochs": 1024 + 3 * 200},
+    "lmcs/cifar100": {**LMCS_CNN13_CIFAR100, "data.labels_per_class": 100,
+                      "trainer.callbacks.CriticalSampleDiscovery.max_ratio": 4.0, "trainer.max_epochs": 1024 + 2 * 200},
 }
 
 
@@ -256,7 +373,9 @@ def test_every_paper_config_has_a_value_table():
     not_papers = {n for n in shipped if n.split("/")[1].split("-")[0] in ("digits", "folder")}
     # datasets the papers never used, shipped as ISIF ports to new data
     ports = {"isif/cifar100", "isif/svhn", "isif/imagenet", "isif/imagenet100", "isif/inshop"}
-    assert shipped - not_papers - ports == set(PAPER_VALUES)
+    # eir/relations: an overlay switching EIR's relation terms on for another method (ISIF), not a paper run
+    overlays = {f"{p.parent.name}/{p.stem}" for p in OVERLAYS}
+    assert shipped - not_papers - ports - overlays == set(PAPER_VALUES)
 
 
 def test_nmi_option_parses_from_the_command_line(parser):

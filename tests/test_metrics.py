@@ -1,5 +1,6 @@
 """Metric math (callbacks.metrics) on cases computed by hand."""
 
+import functools
 import itertools
 import math
 
@@ -141,9 +142,108 @@ def test_recall_matches_brute_force_with_many_ties_blockwise(monkeypatch):
     ks = [1, 2, 4, 8, 16]
     expected = _brute_force_recall(emb, y, ks)
     assert metrics.recall_at_k(emb, y, ks) == pytest.approx(expected)
-    monkeypatch.setattr(search, "_BLOCK_ELEMENTS", 7 * 40)  # 7 query rows per block
+    monkeypatch.setitem(search._TILE_ROWS, "cpu", 7)  # tiles of 7 query rows x 3 gallery columns
+    monkeypatch.setattr(search, "_CPU_TILE_ELEMENTS", 21)
+    assert search.tile_shape(emb.device) == (7, 3)
     assert metrics.recall_at_k(emb, y, ks) == pytest.approx(expected)
     assert len(set(expected.values())) == 4  # not degenerate: 42.5, 47.5, 77.5, 87.5
+
+
+# The Recall@K implementation before the tiled one (one full-width block of rows at a time), kept
+# verbatim as the reference the tiled pass must reproduce bit for bit.
+def _old_positive_columns(query_targets, order, sorted_targets):
+    first = torch.searchsorted(sorted_targets, query_targets)
+    count = torch.searchsorted(sorted_targets, query_targets, right=True) - first
+    offsets = torch.arange(max(int(count.max()), 1), device=query_targets.device)
+    cols = order[(first[:, None] + offsets).clamp_max(order.numel() - 1)]
+    return cols, offsets < count[:, None]
+
+
+def _old_positive_ranks(queries, query_targets, gallery, gallery_targets, leave_one_out):
+    gallery_t = gallery.float().T
+    order = torch.argsort(gallery_targets.long(), stable=True)
+    sorted_targets = gallery_targets.long()[order]
+    ranks, has_positive = [], []
+    rows = search.block_rows(gallery.shape[0])
+    for start in range(0, queries.shape[0], rows):
+        sims = queries[start : start + rows].float() @ gallery_t
+        cols, valid = _old_positive_columns(query_targets[start : start + rows].long(), order, sorted_targets)
+        if leave_one_out:
+            r = torch.arange(sims.shape[0], device=sims.device)
+            sims[r, start + r] = -torch.inf
+            valid &= cols != (start + r)[:, None]
+        best_positive = sims.gather(1, cols).masked_fill(~valid, -torch.inf).amax(dim=1, keepdim=True)
+        ranks.append((sims > best_positive).sum(dim=1, dtype=torch.int32))
+        has_positive.append(valid.any(dim=1))
+    return torch.cat(ranks), torch.cat(has_positive)
+
+
+def _tied_case(seed: int, n: int, classes: int, dim: int = 32):
+    """Rows drawn from 8 atoms with coordinates in {0, +-1/8}: every dot product and partial sum is a
+    multiple of 1/64, exact in float32 whatever order a BLAS kernel sums in, so duplicates and
+    cross-vector ties are exact; random labels: many positive-negative ties."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randint(-1, 2, (8, dim), generator=g).float() / 8
+    return atoms[torch.randint(0, 8, (n,), generator=g)], torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """5 query rows x 3 gallery columns per tile: many blocks, spans and column tiles on tiny cases."""
+    monkeypatch.setitem(search._TILE_ROWS, "cpu", 5)
+    monkeypatch.setattr(search, "_CPU_TILE_ELEMENTS", 15)
+
+
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_tiled_ranks_equal_the_previous_implementation_with_ties(tiles, request):
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    misses = []
+    for seed in range(6):
+        emb, y = _tied_case(seed, 60, classes=[3, 12, 40][seed % 3])  # big classes .. many singletons
+        gallery, gallery_y = _tied_case(seed + 100, 45, classes=[3, 12, 40][seed % 3])
+        for args in ((emb, y, emb, y, True), (emb, y, gallery, gallery_y, False)):
+            ranks, has_positive = metrics._positive_ranks(*args)
+            old_ranks, old_has_positive = _old_positive_ranks(*args)
+            assert torch.equal(has_positive, old_has_positive) and torch.equal(ranks, old_ranks)
+            assert ranks.dtype == torch.int32
+            misses.append(int((~has_positive).sum()))
+    assert misses[-2] > 0 and misses[-1] > 0  # 40 classes: singletons, and classes the gallery lacks
+
+
+def test_tiled_recall_equals_the_previous_implementation_on_random_floats(small_tiles):
+    # Gaussian rows: no ties. (A duplicated row is no exact tie here: BLAS kernels round a dot product
+    # differently by column position, in the old full-row pass as in the tiles; exact ties are above.)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(300, 8, generator=g), dim=1)
+    y = torch.randint(0, 30, (300,), generator=g)
+    ks = [1, 2, 4, 8, 16, 32]
+    ranks, has_positive = metrics._positive_ranks(emb, y, emb, y, True)
+    old_ranks, old_has_positive = _old_positive_ranks(emb, y, emb, y, True)
+    assert torch.equal(ranks, old_ranks) and torch.equal(has_positive, old_has_positive)
+    expected = {k: 100.0 * int((old_has_positive & (old_ranks < k)).sum()) / 300 for k in ks}
+    assert metrics.recall_at_k(emb, y, ks) == expected
+    assert len(set(expected.values())) == len(ks)  # every K tells something apart
+
+
+def test_tiled_ranks_with_the_gpu_count_equal_the_previous_implementation(small_tiles, monkeypatch):
+    monkeypatch.setattr(metrics, "_count_above", functools.partial(metrics._count_above, in_place=False))
+    emb, y = _tied_case(7, 60, classes=12)
+    ranks, has_positive = metrics._positive_ranks(emb, y, emb, y, True)
+    old_ranks, old_has_positive = _old_positive_ranks(emb, y, emb, y, True)
+    assert torch.equal(ranks, old_ranks) and torch.equal(has_positive, old_has_positive)
+
+
+@pytest.mark.parametrize("in_place", [True, False])  # the CPU and the GPU way, both run here
+def test_count_above_is_strict_and_counts_per_row(in_place):
+    tile = T([[0.5, 0.2, 0.5, 0.9], [-1.0, -1.0, 0.0, 1.0]])
+    best = T([[0.5], [-1.0]])  # row 0: only 0.9 is above (the equal 0.5s are not); row 1: 0.0 and 1.0
+    assert metrics._count_above(tile.clone(), best, in_place).tolist() == [1.0, 2.0]
+
+
+def test_tile_shape_by_device():
+    assert search.tile_shape(torch.device("cpu")) == (512, 512)  # 1 MiB of float32: a core's L2
+    assert search.tile_shape(torch.device("cuda", 1)) == (2048, 2**25 // 2048)  # 128 MiB, few launches
 
 
 def test_recall_errors_name_the_fix():

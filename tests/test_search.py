@@ -112,3 +112,36 @@ def test_torch_kmeans_blockwise_matches_one_block(monkeypatch):
 def test_kmeans_more_clusters_than_points():
     with pytest.raises(ValueError, match=r"num_clusters must be in \[1, 4\] for 4 points"):
         search.kmeans(torch.zeros(4, 2), 5)
+
+
+def test_faiss_gpu_is_chosen_by_the_data_device_and_the_faiss_build():
+    # faiss-gpu is not installable here, so the GPU build is a stand-in with its two relevant traits; the
+    # CPU build is the real faiss-cpu of this environment (no StandardGpuResources, 0 GPUs).
+    from types import SimpleNamespace
+
+    gpu_build = SimpleNamespace(StandardGpuResources=object, get_num_gpus=lambda: 2)
+    no_gpu_visible = SimpleNamespace(StandardGpuResources=object, get_num_gpus=lambda: 0)
+    cpu_build = search.load_faiss()
+    assert not hasattr(cpu_build, "StandardGpuResources")
+    assert search.faiss_gpu_device(torch.device("cuda", 1), gpu_build) == 1  # the tensor's own GPU (DDP rank)
+    assert search.faiss_gpu_device(torch.device("cpu"), gpu_build) is None  # CPU data: faiss on CPU
+    assert search.faiss_gpu_device(torch.device("cuda", 0), cpu_build) is None  # faiss-cpu on a GPU machine
+    assert search.faiss_gpu_device(torch.device("cuda", 0), no_gpu_visible) is None
+    assert search.faiss_gpu_device(torch.device("cuda", 0), None) is None  # no faiss: the torch backend
+
+
+def test_cpu_tensors_take_the_faiss_cpu_path_unchanged():
+    # The CPU path is what it was: an exact IndexFlatIP search and faiss.Kmeans on numpy copies.
+    faiss = search.load_faiss()
+    q, ref = _unit(20, 16, 9), _unit(200, 16, 10)
+    index = faiss.IndexFlatIP(16)
+    index.add(ref.numpy())
+    sims, idx = index.search(q.numpy(), 5)
+    got = search.topk_search(q, ref, 5, backend="faiss")
+    assert torch.equal(got[1], torch.from_numpy(idx)) and torch.equal(got[0], torch.from_numpy(sims))
+    x, _ = _blobs(2)
+    km = faiss.Kmeans(4, 3, niter=50, nredo=2, seed=3, spherical=False, max_points_per_centroid=90,
+                      min_points_per_centroid=1, verbose=False)
+    km.train(x.numpy())
+    assert torch.equal(search.kmeans(x, 3, seed=3, restarts=2, backend="faiss"),
+                       torch.from_numpy(km.assign(x.numpy())[1]).long())

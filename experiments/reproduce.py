@@ -1,0 +1,255 @@
+"""Reproduce a paper table: every row of `experiments/tables/<method>-<table>.yaml`, one run after another,
+then one markdown table of each row's run against the paper's number, with the difference.
+
+    python -m experiments.reproduce isif table8-digits                 # run the rows, print the table
+    python -m experiments.reproduce isif table8-digits --dry-run       # print the rows' commands only
+    python -m experiments.reproduce isif table8-digits --sweep         # a W&B sweep grid over the rows
+    python -m experiments.reproduce isif table8-digits --rows full -- --trainer.max_epochs=2  # part, overrides
+
+(`make reproduce METHOD=isif TABLE=table8-digits`, with DRY_RUN=1, SWEEP=1, ROWS=..., ARGS=...)
+
+A table file is data: `method`, `dataset`, `source` (the paper's table), `config` (under
+experiments/configs/, default <method>/<dataset>.yaml), `metrics` (the columns), `args` (flags every row
+gets) and `rows`, each a `name`, its `args` (the ablation switches the configs list in their headers), an
+optional `config`, and `paper` ({metric: the published number}). A row's run lives in
+`<out>/<row id>/`; a row whose directory already holds final_metrics.json is not run again, so the same
+`--out` continues an interrupted table. Runs report the last epoch (`final`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+TABLES = Path(__file__).with_name("tables")
+CONFIGS = Path(__file__).with_name("configs")
+TABLE_KEYS = {"method", "dataset", "source", "title", "config", "metrics", "args", "rows", "paper_dataset"}
+ROW_KEYS = {"name", "args", "config", "dataset", "paper"}
+
+
+@dataclass
+class Row:
+    name: str
+    args: list[str] = field(default_factory=list)
+    config: str = ""
+    dataset: str = ""
+    paper: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return slug(self.name)
+
+
+@dataclass
+class Table:
+    id: str
+    method: str
+    dataset: str
+    source: str
+    metrics: list[str]
+    rows: list[Row]
+    title: str = ""
+    config: str = ""
+    args: list[str] = field(default_factory=list)
+    paper_dataset: str = ""  # the dataset of the paper's numbers when it differs (a digits version)
+
+
+def slug(name: str) -> str:
+    """'w/o ColorJitter' -> 'wo-colorjitter': a row's directory and its `--rows` id."""
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower().replace("/", "")).strip("-")
+
+
+def table_path(method: str, table: str) -> Path:
+    """A table id (`table8-digits`) of a method, or a path to a table file."""
+    if table.endswith((".yaml", ".yml")):
+        return Path(table)
+    path = TABLES / f"{method}-{table}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem.removeprefix(f"{method}-") for p in TABLES.glob(f"{method}-*.yaml"))
+        raise SystemExit(f"no table {path}; {method}'s tables: {', '.join(known) or 'none'} "
+                         f"(all: {', '.join(sorted(p.stem for p in TABLES.glob('*.yaml')))})")
+    return path
+
+
+def load_table(path: Path) -> Table:
+    """Parse and check a table file: unknown keys, duplicate row ids, a paper number on a metric that is
+    not a column, and a missing config are errors that name the file."""
+    spec = yaml.safe_load(Path(path).read_text())
+    where = f"table {path}"
+    if not isinstance(spec, dict):
+        raise TypeError(f"{where}: expected a mapping with method, dataset, source, metrics, rows")
+    unknown = set(spec) - TABLE_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(TABLE_KEYS)}")
+    rows = []
+    for i, row in enumerate(spec.get("rows") or []):
+        bad = set(row) - ROW_KEYS
+        if bad or "name" not in row:
+            raise ValueError(f"{where}: row {i} has keys {sorted(row)}; a row takes name and optionally "
+                             f"{sorted(ROW_KEYS - {'name'})}")
+        rows.append(Row(name=str(row["name"]), args=[str(a) for a in row.get("args") or []],
+                        config=row.get("config") or "", dataset=row.get("dataset") or "", paper={k: float(v) for k, v in (row.get("paper") or {}).items()}))
+    table = Table(id=Path(path).stem, method=spec["method"], dataset=spec["dataset"], source=spec["source"],
+                  metrics=list(spec["metrics"]), rows=rows, title=spec.get("title", ""),
+                  config=spec.get("config") or "",
+                  args=[str(a) for a in spec.get("args") or []], paper_dataset=spec.get("paper_dataset", ""))
+    if not rows:
+        raise ValueError(f"{where}: no rows")
+    ids = [r.id for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: row names must differ after slugging: {ids}")
+    for row in rows:
+        extra = set(row.paper) - set(table.metrics)
+        if extra:
+            raise ValueError(f"{where}: row {row.name!r} has paper numbers for {sorted(extra)}, not columns "
+                             f"({table.metrics}): add them to metrics")
+        for config in (row_config(table, row), f"datasets/{row.dataset or table.dataset}.yaml"):
+            if not (CONFIGS / config).is_file():
+                raise ValueError(f"{where}: row {row.name!r}: no config experiments/configs/{config}")
+    return table
+
+
+def row_config(table: Table, row: Row) -> str:
+    """The row's method config: its own, else the table's, else <method>/<the row's dataset>.yaml."""
+    return row.config or table.config or f"{table.method}/{row.dataset or table.dataset}.yaml"
+
+
+def train_args(table: Table, row: Row, run_dir: Path | str, logger: str, overrides: list[str]) -> list[str]:
+    """The `experiments.train` arguments of one row: the config stack, the run's tags, the table's flags,
+    the row's switches, then the caller's overrides (the last one wins)."""
+    dataset = row.dataset or table.dataset
+    configs = ["base.yaml", f"datasets/{dataset}.yaml", row_config(table, row)]
+    return ["fit", *[a for c in configs for a in ("--config", os.path.relpath(CONFIGS / c))],
+            f"--run.dir={run_dir}", f"--run.logger={logger}", f"--run.method={table.method}",
+            f"--run.dataset={dataset}", f"--run.variant={row.id}",
+            f"--run.group={table.method}-{table.id.removeprefix(table.method + '-')}",
+            *table.args, *row.args, *overrides]
+
+
+def command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "experiments.train", *args]
+
+
+def result_table(table: Table, finals: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """One line per row: for each metric the run's final value, the paper's number and run - paper."""
+    lines = []
+    for row in table.rows:
+        line = {"row": row.name}
+        final = finals.get(row.id, {})
+        for m in table.metrics:
+            run, paper = final.get(m), row.paper.get(m)
+            line[f"{m} run"] = run
+            line[f"{m} paper"] = paper
+            line[f"{m} diff"] = run - paper if run is not None and paper is not None else None
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def markdown(table: Table, frame: pd.DataFrame) -> str:
+    """The table as markdown, numbers to one decimal, '-' where there is none."""
+    paper = f"paper ({table.paper_dataset})" if table.paper_dataset else "paper"
+    header = ["row"] + [h for m in table.metrics for h in (f"{m} run", paper, "diff")]
+    lines = [f"{table.title or table.source} ({table.method}, {table.dataset}; run = last epoch, diff = run - paper)",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, line in frame.iterrows():
+        cells = [line["row"]]
+        for m in table.metrics:
+            for key, sign in ((f"{m} run", ""), (f"{m} paper", ""), (f"{m} diff", "+")):
+                value = line[key]
+                cells.append("-" if pd.isna(value) else f"{value:{sign}.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(table: Table, frame: pd.DataFrame, path: Path) -> Path:
+    """Per metric a panel, per row the run's bar (solid) beside the paper's (hatched)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(table.metrics), figsize=(1.2 * len(frame) * len(table.metrics) + 2, 3.6),
+                             dpi=100, squeeze=False)
+    xs = range(len(frame))
+    for ax, metric in zip(axes[0], table.metrics):
+        ax.bar([x - 0.2 for x in xs], frame[f"{metric} run"].astype(float), 0.4, label="run (last epoch)")
+        ax.bar([x + 0.2 for x in xs], frame[f"{metric} paper"].astype(float), 0.4, hatch="//", alpha=0.5,
+               edgecolor="black", label=f"paper ({table.paper_dataset})" if table.paper_dataset else "paper")
+        ax.set_xticks(list(xs), frame["row"], rotation=20, fontsize=8)
+        ax.set_title(metric, fontsize=9)
+    axes[0][0].legend(fontsize=7, frameon=False)
+    fig.suptitle(table.title or table.source, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi)
+    plt.close(fig)
+    return path
+
+
+def sweep_grid(table: Table, path: Path, overrides: list[str]) -> dict:
+    """A W&B grid sweep with one trial per row: the agent runs `experiments.reproduce <table> --rows <id>`."""
+    return {"name": f"{table.method}-{table.id}", "method": "grid", "program": "experiments/reproduce.py",
+            "metric": {"name": table.metrics[0], "goal": "minimize" if "error" in table.metrics[0] else "maximize"},
+            "parameters": {"rows": {"values": [r.id for r in table.rows]}},
+            "command": ["${env}", "${interpreter}", "-m", "experiments.reproduce", str(path), "${args}",
+                        "--", *overrides]}
+
+
+def read_final(run_dir: Path) -> dict[str, float] | None:
+    path = run_dir / "final_metrics.json"
+    return json.loads(path.read_text())["final"] if path.is_file() else None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("method", help="isif, umm, ... (ignored when TABLE is a path)")
+    parser.add_argument("table", help="table id (experiments/tables/<method>-<id>.yaml) or a table file")
+    parser.add_argument("--rows", nargs="+", default=None, help="row ids to run (default: all)")
+    parser.add_argument("--out", type=Path, default=None, help="default runs/reproduce/<method>-<table>-<time>")
+    parser.add_argument("--logger", default="wandb", help="wandb | csv | none (each row's run.logger)")
+    parser.add_argument("--dry-run", action="store_true", default=bool(os.environ.get("DRY_RUN")),
+                        help="print the rows' commands, run nothing (also DRY_RUN=1)")
+    parser.add_argument("--sweep", action="store_true", help="print a W&B sweep grid over the rows (YAML)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.overrides = argv[cut + 1:]  # after --: flags appended to every row's command
+    path = table_path(args.method, args.table)
+    table = load_table(path)
+    if args.sweep:
+        print(yaml.safe_dump(sweep_grid(table, path, args.overrides), sort_keys=False))
+        return
+    ids = [r.id for r in table.rows]
+    unknown = set(args.rows or []) - set(ids)
+    if unknown:
+        raise SystemExit(f"--rows {sorted(unknown)}: {path.name} has rows {ids}")
+    rows = [r for r in table.rows if args.rows is None or r.id in args.rows]
+    out = args.out or Path("runs/reproduce", f"{table.id}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for row in rows:
+        cmd = command(train_args(table, row, out / row.id, args.logger, args.overrides))
+        if args.dry_run:
+            print(shlex.join(cmd))
+        elif read_final(out / row.id) is None:
+            print(f"== {table.id}: {row.name}\n{shlex.join(cmd)}", flush=True)
+            subprocess.run(cmd, check=True)
+    if args.dry_run:
+        return
+    finals = {r.id: read_final(out / r.id) or {} for r in rows}
+    frame = result_table(Table(**{**table.__dict__, "rows": rows}), finals)
+    text = markdown(table, frame)
+    (out / "table.md").write_text(text + "\n")
+    frame.to_csv(out / "table.csv", index=False)
+    bar_chart(table, frame, out / "table.png")
+    print(f"\n{text}\n\n(written to {out}/table.md, table.csv and table.png)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""A memory bank of detached embeddings that stores dataset indices, so pseudo labels are looked up fresh.
+
+The bank is refilled with every clustered embedding at a k-means refresh and then updated FIFO with each
+step's batch (all ranks' rows, so the banks of all ranks stay identical). Its labels are never stored: a
+method reads `pseudo_labels[memory_index]` at use, so a re-clustering never leaves stale labels.
+TAC-CCL, ROUL and the supervised / SAN queue all use this one.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class IndexedMemory:
+    """Mixin for a LightningModule that registered `memory_embedding`, `memory_index`, `memory_cursor`
+    (see `register_memory`)."""
+
+    def register_memory(self, dim: int) -> None:
+        self.register_buffer("memory_embedding", torch.zeros(0, dim))
+        self.register_buffer("memory_index", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("memory_cursor", torch.zeros((), dtype=torch.long))
+
+    def refill_memory(self, embedding: Tensor) -> None:
+        """The bank := `embedding` (N, d) of the whole training split, row i = dataset index i."""
+        self.memory_embedding = embedding.detach().to(self.device, torch.float32).clone()
+        self.memory_index = torch.arange(len(embedding), device=self.device)
+        self.memory_cursor.zero_()
+
+    @torch.no_grad()
+    def enqueue(self, embedding: Tensor, index: Tensor) -> None:
+        """FIFO update with every rank's batch. Out of place: a loss term read from the bank this step, not
+        yet back-propagated, still holds the old bank."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            embedding, index = (self.all_gather(t).flatten(0, 1) for t in (embedding, index))
+        slots = (self.memory_cursor + torch.arange(len(index), device=self.device)) % len(self.memory_index)
+        self.memory_embedding = self.memory_embedding.index_copy(0, slots, embedding.float())
+        self.memory_index = self.memory_index.index_copy(0, slots, index)
+        self.memory_cursor.copy_((self.memory_cursor + len(index)) % len(self.memory_index))
+
+    def resize_buffers_from(self, checkpoint: dict, names: tuple[str, ...]) -> None:
+        """Buffers whose size is the training set's (unknown at construction) take the checkpoint's shapes."""
+        state = checkpoint["state_dict"]
+        for name in (n for n in names if n in state):
+            setattr(self, name, torch.empty_like(state[name], device=self.device))

@@ -1,0 +1,202 @@
+"""LMCS: the composed master against hand-combined features, a master update that leaves the students
+alone, critical discovery on a hand-built 2-D case, and the look-ahead order (master before student) over
+two generations of a real fit."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from callbacks.sample_discovery import (
+    CriticalSampleDiscovery,
+    critical_select,
+    entropy_bits,
+    rank_weighted_vote,
+)
+from datamodules.digits import DigitsDataModule
+from experiments.seeds import TEST_BUDGET
+from experiments.train import RUN_DIR_ENV, main
+from lightning_modules.lmcs import LMCS, VERSIONS, compose, discriminative_power
+from lightning_modules.snowball import Curriculum
+
+CONFIGS = "experiments/configs"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_lmcs(**kwargs) -> LMCS:
+    return LMCS(backbone="small_cnn", in_chans=1, learner="mixmatch", num_classes=3, **kwargs)
+
+
+def test_compose_sums_the_converted_features_by_hand():
+    converters = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+    with torch.no_grad():
+        for convert, (w, b) in zip(converters, [([[1.0, 0.0], [0.0, 2.0]], [1.0, 0.0]),
+                                                ([[0.0, 1.0], [1.0, 0.0]], [0.0, 0.0]),
+                                                ([[0.5, 0.0], [0.0, 0.5]], [0.0, -1.0])]):
+            convert.weight.copy_(torch.tensor(w))
+            convert.bias.copy_(torch.tensor(b))
+    h = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]]), torch.tensor([[2.0, 2.0]])]
+    # (1 + 1, 4) + (4, 3) + (1, 1 - 1) = (7, 7)
+    assert compose(h, converters).tolist() == [[7.0, 7.0]]
+
+
+def test_composed_master_equals_the_hand_combined_weighted_features():
+    torch.manual_seed(0)
+    model = small_lmcs()
+    with torch.no_grad():  # three different students and a non-trivial composition
+        for p in [*model.previous.parameters(), *model.teacher.parameters(), *model.lmc_ema.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))
+    model.train()
+    x = torch.randn(5, 1, 8, 8)
+    logits, _ = model.master(x)
+    assert model.trunk.training  # the live student is back in train mode afterwards
+    with torch.no_grad():
+        expected = model.lmc_ema.decision.bias.clone()
+        for version, convert in zip(VERSIONS, model.lmc_ema.converters):
+            trunk = copy.deepcopy(getattr(model, version).trunk).eval()  # eval-mode BN: running statistics
+            expected = expected + (trunk(x) @ convert.weight.T + convert.bias) @ model.lmc_ema.decision.weight.T
+    assert torch.allclose(logits, expected, atol=1e-5)
+    # at initialisation the converters are I / 3 with no bias: z is the mean of the three features
+    fresh = small_lmcs()
+    features = fresh.composed_trunk().student_features(x)
+    assert torch.allclose(fresh.composed_trunk()(x), sum(features) / 3, atol=1e-6)
+
+
+def test_a_master_update_leaves_every_student_parameter_and_bn_statistic_unchanged():
+    torch.manual_seed(0)
+    model = small_lmcs()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("lmc")}
+    lmc_before = [p.clone() for p in model.lmc.parameters()]
+    x, y = torch.randn(8, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for _ in range(2):
+        features = model.composed_trunk().student_features(x)
+        terms = model.master_terms(features, {"views": [x], "target": y})
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("lmc"))
+    after = model.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert changed == []  # parameters, running means / variances and batch counts of all three students
+    assert any(not torch.equal(a, b) for a, b in zip(lmc_before, model.lmc.parameters()))
+
+
+def test_discriminative_power_modes_by_hand():
+    centers = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    features = torch.tensor([[2.0, 0.0]])  # normalised (1, 0): d0 = 0, d1 = sqrt(2)
+    assert discriminative_power(features, centers, "ratio").item() == pytest.approx(0.0, abs=1e-5)
+    assert discriminative_power(features, centers, "literal").item() == pytest.approx(2.0, abs=1e-5)
+    assert discriminative_power(features, centers, "neg_gap").item() == pytest.approx(-math.sqrt(2), abs=1e-5)
+
+
+# class 0 at (0, 0), (0, 4) (centre (0, 2)); class 1 at (4, 0), (4, 4) (centre (4, 2)); beta = 1 / C = 1/2:
+# rank weights 2/3, 1/2, 2/5, 1/3 for ranks 1-4 of 4
+REFERENCE = torch.tensor([[0.0, 0.0], [0.0, 4.0], [4.0, 0.0], [4.0, 4.0]])
+REFERENCE_LABELS = torch.tensor([0, 0, 1, 1])
+CANDIDATES = torch.tensor([[0.5, 2.0],    # 0: d 0.5, two class-0 neighbours first: p0 = (2/3 + 1/2) / 1.9
+                           [1.0, 0.2],    # 1: d 2.06, ranks 0,1,0,1: p0 = (2/3 + 2/5) / 1.9 = 32/57
+                           [3.0, 3.8],    # 2: the mirror image: p1 = 32/57
+                           [2.0, 30.0],   # 3: as ambiguous as 1 and 2 (ranks 0,1,0,1) but far from any centre
+                           [3.5, 2.0]])   # 4: d 0.5, p1 = (2/3 + 1/2) / 1.9
+
+
+def test_rank_weighted_vote_and_entropy_by_hand():
+    distances = torch.cdist(CANDIDATES, REFERENCE)
+    votes = rank_weighted_vote(distances, REFERENCE_LABELS, 2, beta=0.5)
+    assert votes[0].tolist() == pytest.approx([(2 / 3 + 1 / 2) / 1.9, (2 / 5 + 1 / 3) / 1.9])
+    assert votes[1].tolist() == pytest.approx([32 / 57, 25 / 57])
+    assert votes[2].tolist() == pytest.approx([25 / 57, 32 / 57])
+    h = -(32 / 57) * math.log2(32 / 57) - (25 / 57) * math.log2(25 / 57)
+    assert entropy_bits(votes[1:2]).item() == pytest.approx(h)
+    assert entropy_bits(torch.tensor([[1.0, 0.0]])).item() == 0.0
+
+
+def test_critical_discovery_picks_the_highest_entropy_inside_the_confinement_with_the_voted_label():
+    found = critical_select(CANDIDATES, REFERENCE, REFERENCE_LABELS, 2, count=2, pool_factor=2)
+    # confined set: the 4 nearest to a centre (0, 4, 1, 2); candidate 3 is as ambiguous but outside it
+    assert found["picked"].tolist() == [1, 2] and found["label"].tolist() == [0, 1]
+    h = -(32 / 57) * math.log2(32 / 57) - (25 / 57) * math.log2(25 / 57)
+    assert found["entropy"].tolist() == pytest.approx([h, h])
+    unconfined = critical_select(CANDIDATES, REFERENCE, REFERENCE_LABELS, 2, count=3, mode="unconfined_max_entropy")
+    assert sorted(unconfined["picked"].tolist()) == [1, 2, 3]
+    low = critical_select(CANDIDATES, REFERENCE, REFERENCE_LABELS, 2, count=2, pool_factor=2,
+                          mode="confined_min_entropy")
+    assert low["picked"].tolist() == [0, 4] and low["label"].tolist() == [0, 1]
+    nearest = critical_select(CANDIDATES, REFERENCE, REFERENCE_LABELS, 2, count=1, mode="min_distance")
+    assert nearest["picked"].tolist() == [0]
+    with pytest.raises(ValueError, match="mode"):
+        critical_select(CANDIDATES, REFERENCE, REFERENCE_LABELS, 2, count=1, mode="max_entropy")
+
+
+class SeenIndices(L.Callback):
+    """The training images each part of the batch carried, per epoch."""
+
+    def __init__(self):
+        self.seen: dict[int, dict[str, set[int]]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        epoch = self.seen.setdefault(trainer.current_epoch, {"labeled": set(), "lookahead": set()})
+        for part in epoch:
+            epoch[part].update(batch[part]["index"].tolist())
+
+
+def test_lookahead_the_master_sees_each_generation_one_generation_before_the_student(tmp_path):
+    """Two generations: U_1 reaches the master's batches in generation 1 and the student's in generation 2,
+    U_2 the master's only; the master trains from the second step (epoch 1) on."""
+    torch.manual_seed(0)
+    dm = DigitsDataModule(protocol="semi", labels_per_class=2, batch_size=16, labeled_batch_size=16,
+                          steps_per_epoch=6, num_views=2, train_transform="digits", split_seed=0)
+    model = LMCS(backbone="small_cnn", in_chans=1, learner="mixmatch", step_epochs=1, consistency_weight=1.0,
+                 curriculum=Curriculum(phase0_epochs=1, iteration_epochs=1, generations=2, iterations=1))
+    recorder = SeenIndices()
+    discovery = CriticalSampleDiscovery(num_discovered=40)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[discovery, recorder], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    first, second = (set(h["index"]) for h in discovery.history)
+    seen = recorder.seen
+    assert [h["count"] for h in discovery.history] == [40, 40] and not first & second
+    original = set(dm.labeled_indices.tolist()) - first
+    assert seen[0]["labeled"] <= original and seen[0]["lookahead"] <= original  # phase 0: labels only
+    assert not seen[1]["labeled"] & first and seen[1]["lookahead"] & first  # generation 1: master only
+    assert seen[2]["labeled"] & first and seen[2]["lookahead"] & first
+    assert not seen[2]["labeled"] & second and seen[2]["lookahead"] & second  # generation 2
+    assert set(dm.lookahead_indices.tolist()) == original | first | second
+    assert bool(model.master_started)
+    assert json.loads(Path(tmp_path, "discovery.json").read_text())[1]["labeled"] == 20 + 40 + 40
+
+
+def test_lmcs_digits_cli_lowers_the_error_and_reports_discovery_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    run = tmp_path / "run"
+    main(["fit", "--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/datasets/digits.yaml",
+          "--config", f"{CONFIGS}/lmcs/digits.yaml", "--run.dir", str(run), "--run.logger=csv",
+          "--trainer.enable_progress_bar=false", *TEST_BUDGET["lmcs"]])
+    metrics = json.loads((run / "final_metrics.json").read_text())
+    initial, final = metrics["initial"], metrics["final"]
+    assert set(final) == {"val/error", "val/error_student", "val/error_teacher", "val/error_master"}
+    # `python -m experiments.seeds --methods lmcs --budget test`, seeds 0-4 (labels and init): the EMA student's
+    # error falls from 90-94 % to 32-64 % (worst drop 26.7 points), the master's to 13-30 % (worst 59.7)
+    assert final["val/error"] < initial["val/error"] - 15
+    assert final["val/error_master"] < initial["val/error_master"] - 30
+    history = json.loads(Path(run, "discovery.json").read_text())
+    assert len(history) == 2 and all(h["error"] is not None for h in history)
+    assert 0 < history[0]["count"] <= 50 and 0 < history[1]["count"] <= 100  # N doubles; <= N / C per class
+
+
+def test_per_class_quota_keeps_the_picks_balanced():
+    # candidates 1 and 5 (class 0) and 2 (class 1) are equally ambiguous; 2 is the farthest from its centre
+    candidates = torch.tensor([[0.5, 2.0], [1.0, 0.2], [2.7, 3.9], [3.5, 2.0], [1.2, 0.1]])
+    plain = critical_select(candidates, REFERENCE, REFERENCE_LABELS, 2, count=2, pool_factor=3)
+    assert plain["picked"].tolist() == [1, 4] and plain["label"].tolist() == [0, 0]
+    quota = critical_select(candidates, REFERENCE, REFERENCE_LABELS, 2, count=2, pool_factor=3, per_class_quota=True)
+    assert quota["picked"].tolist() == [1, 2] and quota["label"].tolist() == [0, 1]

@@ -1,0 +1,97 @@
+import json
+import shlex
+import subprocess
+from collections import defaultdict
+
+import pytest
+import yaml
+
+from experiments.reproduce import TABLES, load_table, main, row_config, train_args
+from experiments.sweep import main as sweep_main
+from experiments.train import SuiteCLI
+
+TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--evaluation.kmeans_restarts=1",
+        "--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false"]
+
+
+class ParseOnly(SuiteCLI):
+    """The suite's CLI parser; nothing is built or run."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand) -> None:
+        pass
+
+
+def test_every_table_parses_and_the_cli_accepts_its_rows(tmp_path):
+    tables = [load_table(p) for p in sorted(TABLES.glob("*.yaml"))]
+    assert {t.method for t in tables} >= {"isif", "umm", "tac_ccl", "snowball"}
+    assert {t.method for t in tables if t.dataset == "digits"} >= {"isif", "umm", "tac_ccl", "snowball"}
+    # rows on the same config stack are parsed together, their switches applied in turn: one parse per stack
+    stacks, switches = {}, defaultdict(list)
+    for table in tables:
+        for row in table.rows:
+            stack = (row.dataset or table.dataset, row_config(table, row))
+            stacks.setdefault(stack, train_args(table, row, tmp_path / row.id, "none", []))
+            switches[stack] += [*table.args, *row.args]
+    cli = ParseOnly(args=next(iter(stacks.values())))
+    for stack, args in stacks.items():
+        cli.parser.parse_args(args + switches[stack])  # exits with the CLI's error on a bad row
+
+
+def test_a_table_file_with_a_mistake_names_it(tmp_path):
+    bad = tmp_path / "isif-bad.yaml"
+    bad.write_text(yaml.safe_dump({"method": "isif", "dataset": "digits", "source": "x", "metrics": ["val/knn_top1"],
+                                   "rows": [{"name": "a", "paper": {"val/nmi": 1.0}}]}))
+    with pytest.raises(ValueError, match="val/nmi"):
+        load_table(bad)
+    bad.write_text(yaml.safe_dump({"method": "isif", "dataset": "digits", "source": "x", "metrics": [],
+                                   "rows": [{"name": "a", "config": "isif/nope.yaml"}]}))
+    with pytest.raises(ValueError, match="isif/nope.yaml"):
+        load_table(bad)
+
+
+def test_dry_run_prints_one_command_per_row_and_sweep_a_grid(capsys):
+    main(["isif", "table8-digits", "--dry-run", "--", "--trainer.max_epochs=2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(shlex.split(line)[-1] == "--trainer.max_epochs=2" for line in lines)
+    assert "--model.init_args.negative_selection=hard_half" in lines[2]
+    main(["isif", "table8-digits", "--sweep"])
+    sweep = yaml.safe_load(capsys.readouterr().out)
+    assert sweep["method"] == "grid" and sweep["parameters"]["rows"]["values"] == ["full", "no-da", "hard", "easy"]
+
+
+def test_make_reproduce_runs_the_rows_and_writes_the_table(tmp_path):
+    out = tmp_path / "table"
+    (out / "full").mkdir(parents=True)  # a row already run (its final metrics), as an interrupted table leaves it
+    (out / "full" / "final_metrics.json").write_text(json.dumps({"final": {"val/knn_top1": 90.0, "val/nmi": 60.0}}))
+    subprocess.run(["make", "-o", ".venv/.installed", "reproduce", "METHOD=isif", "TABLE=table8-digits",
+                    "ROWS=full no-da", f"OUT={out}", "LOGGER=none", f"ARGS={' '.join(TINY)}"],
+                   check=True, capture_output=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["full", "no-da"]  # full kept, not rerun
+    final = json.loads((out / "no-da" / "final_metrics.json").read_text())
+    assert final["run"]["variant"] == "no-da" and final["run"]["group"] == "isif-table8-digits"
+    knn, nmi = final["final"]["val/knn_top1"], final["final"]["val/nmi"]
+    lines = (out / "table.md").read_text().splitlines()
+    assert lines[0].startswith("ISIF Table 8, digits version (isif, digits; run = last epoch")
+    assert lines[2] == "| row | val/knn_top1 run | paper (cifar10) | diff | val/nmi run | paper (cifar10) | diff |"
+    assert lines[4] == "| Full | 90.0 | 83.6 | +6.4 | 60.0 | - | - |"
+    assert lines[5] == f"| No DA | {knn:.1f} | 37.4 | {knn - 37.4:+.1f} | {nmi:.1f} | - | - |"
+    assert len(lines) == 6  # the rows not asked for are not in the table
+    assert (out / "table.png").stat().st_size > 1000  # run vs paper, per row
+
+
+def test_sweep_dry_run_prints_sampled_trials_for_the_dataset(capsys):
+    sweep_main(["umm", "cub", "--dry-run", "--trials", "3"])
+    lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        assert line[1:5] == ["-m", "experiments.train", "fit", "--config=experiments/configs/base.yaml"]
+        assert "--config=experiments/configs/umm/cub.yaml" in line and "--run.dataset=cub" in line
+        assert "--config=experiments/configs/datasets/digits.yaml" not in line
+        lambda_n = float(next(a for a in line if a.startswith("--model.lambda_n=")).split("=")[1])
+        assert 0.064 <= lambda_n <= 6.4  # the digits sweep's range, log-uniform
+    assert len({tuple(line) for line in lines}) == 3
+    with pytest.raises(SystemExit, match="snowball has no cub protocol"):
+        sweep_main(["snowball", "cub", "--dry-run"])

@@ -1,0 +1,263 @@
+"""SAN's module and regularisers against hand-built cases (spec §3.11), its insertion at named stages, and
+the supervised / pseudo-label glue of `MetricLearning`."""
+import copy
+import math
+
+import pytest
+import torch
+
+from lightning_modules.backbones import build_backbone
+from lightning_modules.losses import contrastive_memory_loss
+from lightning_modules.san import (
+    SAN,
+    Assembly,
+    SpatialAssembly,
+    assemble,
+    assembly_correlation,
+    assembly_entropy,
+    local_coherence,
+    normalize_assembly,
+    stage_shape,
+)
+from lightning_modules.supervised import MetricLearning
+
+# the 2 x 2 map: u = i * 2 + j
+SWAP = torch.tensor([[0., 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 1, 0]])  # w[u, v]: P(0)=2, P(1)=0, ...
+UNIFORM = torch.full((4, 4), 0.25)
+BLOCKS = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, .5, .5], [0, 0, .5, .5]])
+
+
+def with_san(trunk, stage: str, image_size: int, in_chans: int = 3, **config):
+    channels, height, width = stage_shape(trunk, stage, in_chans, image_size)
+    module = SpatialAssembly(channels, height, width, Assembly(stage=stage, **config))
+    trunk.insert(stage, module)
+    return module
+
+
+# -- the assembly ------------------------------------------------------------------------------------
+def test_one_hot_weights_move_feature_points_exactly():
+    fmap = torch.arange(8.0).view(1, 2, 2, 2)  # channel 0: points 0..3 = 0, 1, 2, 3; channel 1: 4..7
+    g = assemble(SWAP[None], fmap)
+    # output v takes input u with w[u, v] = 1: v0 <- u2, v1 <- u0, v2 <- u3, v3 <- u1
+    assert torch.equal(g, torch.tensor([[[[2., 0], [3, 1]], [[6, 4], [7, 5]]]]))
+
+
+def test_forced_identity_leaves_features_and_the_network_output_unchanged():
+    torch.manual_seed(0)
+    plain, _ = build_backbone("googlenet")
+    trunk, _ = build_backbone("googlenet")
+    trunk.load_state_dict(plain.state_dict())
+    san = with_san(trunk, "inception4e", 64, beta0=200.0)  # exp(-200) = 0 in fp32: w = I exactly
+    plain.eval(), trunk.eval()
+    x = torch.randn(2, 3, 64, 64)
+    fmap = torch.randn(2, 832, 4, 4)
+    assert torch.equal(san(fmap), fmap)
+    with torch.no_grad():
+        assert torch.equal(trunk(x), plain(x))
+
+
+def test_identity_init_puts_the_spec_mass_on_the_diagonal():
+    w = SpatialAssembly(8, 14, 14).weights(torch.rand(2, 8, 14, 14))
+    diagonal = math.exp(8) / (math.exp(8) + 195)  # zero last conv: logits = 8 I, then Sinkhorn keeps it
+    assert w.diagonal(dim1=1, dim2=2).mean().item() == pytest.approx(diagonal, abs=1e-4)  # 0.9386
+    assert torch.allclose(w.sum(1), torch.ones(2, 196), atol=1e-5)  # columns exact (last step)
+
+
+def test_sinkhorn_columns_exact_rows_close_and_softmax_in_columns_only():
+    logits = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    w = normalize_assembly(logits, "sinkhorn", 5)
+    soft = normalize_assembly(logits, "softmax_in")
+    assert torch.allclose(w.sum(1), torch.ones(3, 16), atol=1e-5)
+    assert torch.allclose(soft, logits.softmax(1))
+    row_error = (w.sum(2) - 1).abs().max()
+    assert row_error < 0.05 and row_error < (soft.sum(2) - 1).abs().max() / 5
+    with pytest.raises(ValueError, match="sinkhorn"):
+        normalize_assembly(logits, "rows")
+
+
+# -- regularisers on the 2 x 2 map -----------------------------------------------------------------------
+@pytest.mark.parametrize(("w", "entropy", "correlation"), [
+    (torch.eye(4), 0.0, 0.0),      # a permutation: both 0
+    (SWAP, 0.0, 0.0),
+    (UNIFORM, 2.0, 0.75),          # log2 N bits; 1 - 1/N
+    (BLOCKS, 1.0, 0.5),            # every row / column two halves: 1 bit; (4 x (1 - 0.5)) x 2 / 8
+])
+def test_entropy_and_correlation_by_hand(w, entropy, correlation):
+    assert assembly_entropy(w[None]).item() == pytest.approx(entropy, abs=1e-6)
+    assert assembly_correlation(w[None]).item() == pytest.approx(correlation, abs=1e-6)
+
+
+def test_local_coherence_by_hand():
+    ones = torch.ones(1, 3, 2, 2)  # equal features: alpha = 1 for every neighbour
+    # identity: every shifted neighbour map equals the point's own map; only sqrt(eps) is left
+    assert local_coherence(torch.eye(4)[None], ones).item() == pytest.approx(1e-6, rel=1e-3)
+    # uniform: an axis neighbour's shifted map loses one row/column (2 of 4 entries differ by 1/4), the
+    # diagonal neighbour's keeps one entry (3 differ); each point has 2 axis and 1 diagonal neighbour
+    expected = (2 * math.sqrt(2) / 4 + math.sqrt(3) / 4) / 3
+    assert local_coherence(UNIFORM[None], ones).item() == pytest.approx(expected, rel=1e-6)
+    # orthogonal features: alpha = 0, the term vanishes whatever w is
+    orthogonal = torch.eye(4).view(1, 4, 2, 2)
+    assert local_coherence(SWAP[None], orthogonal).item() == 0.0
+    # a permutation that tears neighbours apart costs more than the identity
+    assert local_coherence(SWAP[None], ones).item() > 0.3
+
+
+def test_regulariser_gradients_are_finite_at_the_identity_init():
+    san = SpatialAssembly(8, 4, 4)
+    fmap = torch.rand(2, 8, 4, 4, requires_grad=True)
+    san.train()
+    san(fmap)
+    w, f = san.last
+    total = assembly_entropy(w) + assembly_correlation(w) + local_coherence(w, f)
+    total.backward()
+    grads = [fmap.grad, san.beta.grad, *(p.grad for p in san.phi.parameters())]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# -- insertion -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "stages", "size", "in_chans"), [
+    ("googlenet", ["inception3a", "inception3b", "maxpool3", "inception4a", "inception4e", "maxpool4",
+                   "inception5a"], 64, 3),
+    ("resnet18", ["layer1", "layer2", "layer3"], 64, 3),
+    ("small_cnn", ["block1", "block2", "block3"], 8, 1),
+])
+def test_shapes_at_every_insertion_stage(name, stages, size, in_chans):
+    x = torch.randn(2, in_chans, size, size)
+    built, dim = build_backbone(name, in_chans=in_chans)
+    for stage in stages:
+        trunk = copy.deepcopy(built)
+        expected = stage_shape(trunk, stage, in_chans, size)
+        san = with_san(trunk, stage, size, in_chans)
+        seen = []
+        san.register_forward_hook(lambda m, i, out, seen=seen: seen.append((i[0].shape, out.shape)))
+        trunk.train()
+        assert trunk(x).shape == (2, dim), stage
+        assert seen[0][0] == seen[0][1] == (2, *expected), stage
+        assert san.last[0].shape == (2, expected[1] * expected[2], expected[1] * expected[2]), stage
+
+
+def test_unknown_stage_names_the_valid_ones():
+    trunk, _ = build_backbone("small_cnn", in_chans=1)
+    with pytest.raises(ValueError, match="block3"):
+        stage_shape(trunk, "layer3", 1, 8)
+
+
+@pytest.mark.parametrize(("name", "last", "earlier", "size", "in_chans"), [
+    ("small_cnn", "block4", "block3", 8, 1),
+    ("resnet18", "layer4", "layer3", 64, 3),
+])
+def test_right_before_global_pooling_san_is_a_no_op_and_earlier_it_is_not(name, last, earlier, size, in_chans):
+    """GAP of a doubly stochastic re-arrangement is GAP of the input (spec P1), so SAN must have
+    convolutions after it. A random (non-identity) Φ, Sinkhorn run to convergence."""
+    torch.manual_seed(0)
+    x = torch.randn(4, in_chans, size, size)
+    outputs = {}
+    for stage in (None, last, earlier):
+        torch.manual_seed(1)
+        trunk, _ = build_backbone(name, in_chans=in_chans)
+        if stage:
+            san = with_san(trunk, stage, size, in_chans, iterations=200, beta0=0.0)
+            torch.nn.init.normal_(san.phi[-1].weight, std=1.0)
+        trunk.eval()
+        with torch.no_grad():
+            outputs[stage] = trunk(x)
+    assert torch.allclose(outputs[last], outputs[None], atol=1e-5)
+    assert (outputs[earlier] - outputs[None]).abs().max() > 1e-2
+
+
+# -- the training module ---------------------------------------------------------------------------------
+def small_san(**kwargs) -> SAN:
+    model = SAN(backbone="small_cnn", in_chans=1, embedding_dim=16,
+                assembly=Assembly(stage="block3", hidden=16), **kwargs)
+    model.insert_assembly(8)
+    return model
+
+
+def test_san_module_inserts_once_and_its_key_network_carries_san_too():
+    model = small_san()
+    model.insert_assembly(8)
+    assert sum(isinstance(m, SpatialAssembly) for m in model.trunk.modules()) == 1
+    assert sum(isinstance(m, SpatialAssembly) for m in model.key_trunk.modules()) == 1
+    assert not any(p.requires_grad for p in model.key_trunk.parameters())
+    baseline = SAN(backbone="small_cnn", in_chans=1, embedding_dim=16, assembly=Assembly(enabled=False))
+    baseline.insert_assembly(8)
+    assert baseline.san is None
+
+
+def test_a_checkpoint_rebuilds_san_before_its_weights_load():
+    model = small_san()
+    torch.nn.init.normal_(model.san.phi[-1].weight)
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    fresh = SAN(backbone="small_cnn", in_chans=1, embedding_dim=16, assembly=Assembly(stage="block3", hidden=16))
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(fresh.san.phi[-1].weight, model.san.phi[-1].weight)
+
+
+def test_training_step_logs_every_regulariser_and_adds_them_weighted():
+    torch.manual_seed(0)
+    model = small_san(loss="proxy_anchor", num_classes=4, memory_weight=0.0)
+    assert sum(p.numel() for p in model.proxies.parameters()) == 4 * 16
+    logged = {}
+    model.log_terms = lambda terms, embedding=None: logged.update(terms)
+    batch = {"views": [torch.randn(8, 1, 8, 8)], "index": torch.arange(8), "target": torch.arange(8) % 4}
+    model.train()
+    loss = model.training_step(batch, 0)
+    reg = sum(w * logged[f"san_{k}"] for k, w in (("entropy", 0.1), ("correlation", 0.1), ("coherence", 0.1)))
+    assert loss.item() == pytest.approx((logged["proxy_anchor"] + reg).item(), rel=1e-5)
+    assert {"san_diagonal", "san_moved", "san_row_sum_std", "san_beta", "san_loss"} <= set(logged)
+    loss.backward()
+    assert model.san.beta.grad is not None and torch.isfinite(model.san.beta.grad)
+
+
+def test_true_labels_are_read_only_when_revealed():
+    model = MetricLearning(backbone="small_cnn", in_chans=1, embedding_dim=8, memory_weight=0.0)
+    hidden = {"views": [torch.randn(4, 1, 8, 8)], "index": torch.arange(4), "target": torch.full((4,), -1)}
+    with pytest.raises(ValueError, match="supervised=true"):
+        model.batch_labels(hidden)
+    pseudo = MetricLearning(backbone="small_cnn", in_chans=1, embedding_dim=8, memory_weight=0.0, labels="pseudo")
+    revealed = {**hidden, "target": torch.tensor([3, 3, 3, 3])}
+    pseudo.set_pseudo_labels(torch.tensor([0, 1, 0, 1]), torch.zeros(2, 8))
+    assert pseudo.batch_labels(revealed).tolist() == [0, 1, 0, 1]  # the batch's targets are never read
+    with pytest.raises(RuntimeError, match="labels=pseudo"):
+        model.set_pseudo_labels(torch.tensor([0, 1, 0, 1]), torch.zeros(2, 8))
+
+
+def test_memory_queue_is_read_by_index_and_filled_in_fifo_order():
+    model = MetricLearning(backbone="small_cnn", in_chans=1, embedding_dim=2, labels="pseudo")
+    model.set_pseudo_labels(torch.tensor([0, 1, 1]), torch.zeros(2, 2), embedding=torch.eye(3)[:, :2])
+    model.enqueue(torch.tensor([[0.6, 0.8], [0.8, 0.6]]), torch.tensor([2, 0]))
+    assert model.memory_index.tolist() == [2, 0, 2]
+    assert model.memory_labels().tolist() == [1, 0, 1]
+    assert torch.equal(model.memory_embedding[:2], torch.tensor([[0.6, 0.8], [0.8, 0.6]]))
+    assert model.memory_cursor.item() == 2
+
+
+def test_contrastive_memory_loss_by_hand():
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    keys = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]])
+    # q0 (class 0): k0 is itself (s = 1, left out), k1 positive 1 - 0.6, k2 negative 0.8 - 0.5;
+    # q1 (class 1): k0 negative s = 0 (inactive), k1 negative 0.8 - 0.5, k2 positive 1 - 0.6
+    loss = contrastive_memory_loss(query, torch.tensor([0, 1]), keys, torch.tensor([0, 0, 1]))
+    assert loss.item() == pytest.approx((0.4 + 0.3 + 0.3 + 0.4) / 2)
+
+
+def test_bench_times_san_and_the_bare_backbone_on_the_same_batch():
+    from experiments.bench import SAN_QUICK, _san_case
+
+    for enabled in (False, True):
+        rate, peak = _san_case(enabled, SAN_QUICK)
+        assert rate > 0 and peak >= 0
+
+
+def test_a_fit_on_hidden_labels_stops_before_training_and_names_the_flag(tmp_path):
+    import lightning as L
+
+    from datamodules.digits import DigitsDataModule
+
+    model = MetricLearning(backbone="small_cnn", in_chans=1, embedding_dim=8, memory_weight=0.0)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="supervised=true"):
+        trainer.fit(model, datamodule=DigitsDataModule(train_transform="digits", image_size=8))

@@ -9,8 +9,10 @@ turns that into `views` on the device with a `DevicePipeline`.
 The pipeline is translated from the torchvision transform the PIL path builds (`build_transform`), so each
 parameter (crop scale, jitter strength, probabilities, mean / std) has one owner: the preset. Each op mirrors
 torchvision's sampling rule (RandomResizedCrop's 10 tries and centre fallback, ColorJitter's random order,
-RandomApply, RandomCrop's reflect padding) and its tensor arithmetic; the pixels differ from PIL's only by
-uint8 rounding between ops, which the distribution tests in tests/test_device_augment.py bound.
+RandomApply, RandomCrop's reflect padding) and its tensor arithmetic, kept on uint8 values as PIL's
+images between ops are (`pil_uint8`: resampling rounds, ImageEnhance's blend truncates), so ColorJitter
+gives PIL's pixels exactly and RandomResizedCrop within one grey level (PIL's fixed-point bilinear); the
+distribution tests in tests/test_device_augment.py bound the rest.
 """
 from __future__ import annotations
 
@@ -29,10 +31,19 @@ from datamodules.transforms import ResizeIfNeeded
 GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma: PIL's convert("L") and torchvision's rgb_to_grayscale
 
 
+def to_uint8_grid(x: torch.Tensor) -> torch.Tensor:
+    """x in [0, 1] rounded onto the 1/255 grid, as PIL stores an image between ops (resampling,
+    convert("L"))."""
+    return torch.round(x.clamp(0, 1) * 255) / 255
+
+
 class Op:
-    """One augmentation on a float batch (B, C, H, W) in [0, 1]; `draws` uniforms per image in `u`."""
+    """One augmentation on a float batch (B, C, H, W) in [0, 1]; `draws` uniforms per image in `u`.
+    `pil_uint8`: keep the result uint8-valued with PIL's rounding, as the PIL pipeline's images between its
+    ops are (`device_pipeline` sets it; off, the op is torchvision's float tensor arithmetic)."""
 
     draws = 1
+    pil_uint8 = False
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -89,7 +100,8 @@ class ResizedCrop(Op):
 
     def __call__(self, x, u):
         boxes = crop_boxes(u, x.shape[2], x.shape[3], self.scale, self.ratio, self.tries)
-        return resized_crop(x, boxes.to(x.device), self.size)
+        out = resized_crop(x, boxes.to(x.device), self.size)
+        return to_uint8_grid(out) if self.pil_uint8 else out
 
 
 class Rotation(Op):
@@ -109,38 +121,56 @@ class Rotation(Op):
         return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """Luma, as many channels as the input (a 1-channel image is its own gray)."""
+def grayscale(x: torch.Tensor, pil_uint8: bool = False) -> torch.Tensor:
+    """Luma, as many channels as the input (a 1-channel image is its own gray); rounded to uint8 as PIL's
+    convert("L") with `pil_uint8`."""
     if x.shape[1] == 1:
         return x
     weights = torch.tensor(GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * weights).sum(1, keepdim=True).expand_as(x)
+    gray = (x * weights).sum(1, keepdim=True)
+    return (to_uint8_grid(gray) if pil_uint8 else gray).expand_as(x)
 
 
 def _per_image(factor: torch.Tensor) -> torch.Tensor:
     return factor.view(-1, 1, 1, 1)
 
 
-def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * _per_image(factor)).clamp(0, 1)
+def blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor,
+          pil_uint8: bool = False) -> torch.Tensor:
+    """ImageEnhance's Image.blend(degenerate, x, factor). With `pil_uint8` (uint8-valued inputs) PIL's own
+    arithmetic: degenerate + factor * (x - degenerate) in float32, clipped to [0, 255] and truncated, not
+    rounded, to an integer (libImaging/Blend.c), which float arithmetic misses by 0.3-0.5 of a grey level."""
+    if not pil_uint8:
+        return (_per_image(factor) * x + (1 - _per_image(factor)) * degenerate).clamp(0, 1)
+    a, b = torch.round(degenerate * 255), torch.round(x * 255)
+    return torch.floor((a + _per_image(factor) * (b - a)).clamp(0, 255)) / 255
 
 
-def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = grayscale(x)[:, :1].mean(dim=(1, 2, 3), keepdim=True)
-    return (_per_image(factor) * x + (1 - _per_image(factor)) * mean).clamp(0, 1)
+def brightness(x: torch.Tensor, factor: torch.Tensor, pil_uint8: bool = False) -> torch.Tensor:
+    return blend(torch.zeros_like(x), x, factor, pil_uint8)
 
 
-def saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (_per_image(factor) * x + (1 - _per_image(factor)) * grayscale(x)).clamp(0, 1)
+def contrast(x: torch.Tensor, factor: torch.Tensor, pil_uint8: bool = False) -> torch.Tensor:
+    if pil_uint8:  # ImageEnhance.Contrast: int(mean of the uint8 L image + 0.5)
+        levels = torch.round(grayscale(x, pil_uint8)[:, :1].double() * 255)
+        mean = (torch.floor(levels.mean(dim=(1, 2, 3), keepdim=True) + 0.5) / 255).to(x.dtype)
+    else:
+        mean = grayscale(x)[:, :1].mean(dim=(1, 2, 3), keepdim=True)
+    return blend(mean.expand_as(x), x, factor, pil_uint8)
 
 
-def hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def saturation(x: torch.Tensor, factor: torch.Tensor, pil_uint8: bool = False) -> torch.Tensor:
+    return blend(grayscale(x, pil_uint8), x, factor, pil_uint8)
+
+
+def hue(x: torch.Tensor, factor: torch.Tensor, pil_uint8: bool = False) -> torch.Tensor:
     """Hue turned by factor of a full turn (torchvision's hue_factor in [-0.5, 0.5])."""
     if x.shape[1] == 1:
         return x
     hsv = kornia.color.rgb_to_hsv(x)
     turned = torch.remainder(hsv[:, :1] + _per_image(factor) * 2 * math.pi, 2 * math.pi)
-    return kornia.color.hsv_to_rgb(torch.cat([turned, hsv[:, 1:]], 1)).clamp(0, 1)
+    out = kornia.color.hsv_to_rgb(torch.cat([turned, hsv[:, 1:]], 1)).clamp(0, 1)
+    return to_uint8_grid(out) if pil_uint8 else out  # PIL turns the hue of a uint8 HSV image
 
 
 class ColorJitter(Op):
@@ -161,7 +191,7 @@ class ColorJitter(Op):
                 if bounds is None or not rows.any():
                     continue
                 factor = bounds[0] + (bounds[1] - bounds[0]) * factors[rows, k]
-                x[rows] = fn(x[rows], factor.to(x.dtype))
+                x[rows] = fn(x[rows], factor.to(x.dtype), self.pil_uint8)
         return x
 
 
@@ -170,7 +200,7 @@ class Grayscale(Op):
         self.p = p
 
     def __call__(self, x, u):
-        return torch.where(_per_image(u[:, 0] < self.p), grayscale(x), x)
+        return torch.where(_per_image(u[:, 0] < self.p), grayscale(x, self.pil_uint8), x)
 
 
 class Flip(Op):
@@ -203,6 +233,7 @@ class Blur(Op):
         along_x = gaussian_kernels(sigma, kx).repeat_interleave(c, 0).view(b * c, 1, 1, kx)
         along_y = gaussian_kernels(sigma, ky).repeat_interleave(c, 0).view(b * c, 1, ky, 1)
         blurred = F.conv2d(F.conv2d(planes, along_x, groups=b * c), along_y, groups=b * c).view(b, c, h, w)
+        blurred = to_uint8_grid(blurred) if self.pil_uint8 else blurred  # torchvision rounds a uint8 blur
         return torch.where(_per_image(u[:, 0] < self.p), blurred, x)
 
 
@@ -280,6 +311,8 @@ def device_pipeline(transform: T.Compose, size: int) -> DevicePipeline:
     if not isinstance(normalize, T.Normalize):
         raise TypeError(f"expected a build_transform pipeline ending in Normalize, got {transform!r}")
     device_ops = [d for d in (_translate(op) for op in ops) if d is not None]
+    for op in device_ops:  # PIL's images between the ops are uint8, and so are these
+        op.pil_uint8 = True
     return DevicePipeline(device_ops, normalize.mean, normalize.std, size)
 
 

@@ -55,7 +55,7 @@ TEST_BUDGET = {
     "snowball": ["--trainer.max_epochs=2", "--model.init_args.curriculum.phase0_epochs=1",
                  "--model.init_args.curriculum.iteration_epochs=1", "--model.init_args.curriculum.generations=1",
                  "--model.init_args.curriculum.iterations=1"],
-    "roul": ["--trainer.check_val_every_n_epoch=6", "--evaluation.kmeans_restarts=1", "--data.num_workers=0"],
+    "roul": ["--trainer.check_val_every_n_epoch=6", "--data.num_workers=0"],
     "san": ["--trainer.max_epochs=1", "--evaluation.kmeans_restarts=1", "--data.num_workers=0"],
     "san_unsupervised": ["--trainer.max_epochs=2", "--evaluation.kmeans_restarts=1", "--data.num_workers=0"],
     # phase 0 of one epoch, then two generations of one epoch, the master on from epoch 1

@@ -322,3 +322,33 @@ def test_each_small_dataset_puts_the_same_pixels_on_the_device(tmp_path, dataset
     want = next(iter(standard.train_dataloader()))  # the same sampler seed: the same images
     assert torch.equal(batch["index"], want["index"])
     torch.testing.assert_close(batch["views"][1], want["views"][1], atol=1e-6, rtol=0)
+
+
+def test_digits_pipeline_keeps_pil_s_uint8_pixels_and_jitter_truncation():
+    """PIL stores every op's result as uint8 and ImageEnhance's Image.blend truncates toward zero; the device
+    path does the same, so for fixed factors its brightness / contrast give PIL's pixels exactly. In float
+    arithmetic the views came out 0.2-0.45 of a grey level brighter per jitter op (mean pixel +0.003 over the
+    digits preset, an exact zero lifted wherever PIL truncated to 0) and off the 1/255 grid."""
+    images = digit_images()[:300]
+    size, stats = 8, ((0.5,), (0.5,))
+    only_jitter = build_transform("digits", size, *stats, drop_ops=["crop", "rotate"])
+    jitter = device_pipeline(only_jitter, size).ops[0]
+    u = torch.rand(len(images), jitter.draws, generator=torch.Generator().manual_seed(0))
+    u[:, 0] = 0.0  # always applied
+    got = jitter(resident_images(images).float() / 255, u)
+    # brightness and contrast factors, float32 as the op computes them
+    factors = [lo + (hi - lo) * u[:, 1 + k] for k, (lo, hi) in enumerate(jitter.ranges[:2])]
+    adjust = (TF.adjust_brightness, TF.adjust_contrast)
+    for i, image in enumerate(images):
+        pil = load_image(image)
+        for k in torch.argsort(u[i, 5:9]).tolist():
+            if k < 2:
+                pil = adjust[k](pil, factors[k][i].item())
+        want = torch.from_numpy(np.array(pil)).float() / 255
+        off = (got[i, 0] - want).abs().max() * 255
+        assert torch.equal(got[i, 0], want), f"image {i}: {off:.2f} grey levels off"
+    pipeline = device_pipeline(build_transform("digits", size, *stats), size)
+    views = pipeline(resident_images(images), torch.rand(len(images), pipeline.draws,
+                                                         generator=torch.Generator().manual_seed(1)))
+    levels = (views * 0.5 + 0.5) * 255
+    assert (levels - levels.round()).abs().max() < 1e-3  # on the uint8 grid, as ToTensor of a PIL image

@@ -30,7 +30,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from callbacks.features import extract_features
@@ -178,12 +177,7 @@ class LMCS(SemiSupervised):
     # -- schedule: steps, the master's start, the J_D centres ----------------------------------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        total, max_epochs = self.curriculum.total_epochs, self.trainer.max_epochs
-        if max_epochs is None or not 0 < max_epochs <= total:
-            raise ValueError(f"trainer.max_epochs is {max_epochs} but the curriculum {self.curriculum} lasts "
-                             f"{total} epochs: set --trainer.max_epochs {total} or change model.init_args.curriculum")
-        if max_epochs < total:
-            rank_zero_warn(f"trainer.max_epochs {max_epochs} stops the run before the curriculum's {total} epochs")
+        self.curriculum.check_run_length(self.trainer.max_epochs)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

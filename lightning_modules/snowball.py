@@ -47,6 +47,16 @@ class Curriculum:
     def total_epochs(self) -> int:
         return self.phase0_epochs + self.generations * self.iterations * self.iteration_epochs
 
+    def check_run_length(self, max_epochs: int | None) -> None:
+        """A run may stop before the curriculum ends (to be resumed), never after it."""
+        total = self.total_epochs
+        if max_epochs is None or not 0 < max_epochs <= total:
+            raise ValueError(f"trainer.max_epochs is {max_epochs} but the curriculum {self} lasts "
+                             f"{total} epochs: set --trainer.max_epochs {total} or change model.init_args.curriculum")
+        if max_epochs < total:
+            rank_zero_warn(f"trainer.max_epochs {max_epochs} stops the run before the curriculum's {total} "
+                           "epochs (fine for a run to be resumed)")
+
     def position(self, epoch: int) -> tuple[int, int] | None:
         """(generation, iteration), both 1-based, of the iteration `epoch` belongs to; None in phase 0."""
         if epoch < self.phase0_epochs:
@@ -119,13 +129,7 @@ class Snowball(SemiSupervised):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        total, max_epochs = self.curriculum.total_epochs, self.trainer.max_epochs
-        if max_epochs is None or not 0 < max_epochs <= total:
-            raise ValueError(f"trainer.max_epochs is {max_epochs} but the curriculum {self.curriculum} lasts "
-                             f"{total} epochs: set --trainer.max_epochs {total} or change model.init_args.curriculum")
-        if max_epochs < total:
-            rank_zero_warn(f"trainer.max_epochs {max_epochs} stops the run before the curriculum's {total} "
-                           "epochs (fine for a run to be resumed)")
+        self.curriculum.check_run_length(self.trainer.max_epochs)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         labeled, unlabeled = batch["labeled"], batch["unlabeled"]

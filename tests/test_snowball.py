@@ -46,3 +46,14 @@ def test_the_run_seed_draws_the_labeled_set(tmp_path, monkeypatch, config):
     drawn = {seed: DigitsDataModule(protocol="semi", labels_per_class=5, split_seed=seed).labeled_indices.tolist()
              for seed in (3, 4)}
     assert labeled(3) == drawn[3] and labeled(4) == drawn[4] != drawn[3]
+
+
+def test_a_run_longer_than_its_curriculum_is_refused_with_the_length_named():
+    from lightning_modules.snowball import Curriculum
+
+    curriculum = Curriculum(phase0_epochs=2, generations=2, iterations=1, iteration_epochs=3)  # 2 + 2*1*3 = 8
+    curriculum.check_run_length(8)
+    curriculum.check_run_length(5)  # shorter: allowed (a run to be resumed), with a warning
+    for bad in (9, None, 0):
+        with pytest.raises(ValueError, match="--trainer.max_epochs 8"):
+            curriculum.check_run_length(bad)

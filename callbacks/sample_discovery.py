@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from callbacks.features import extract_features
+from callbacks.features import extract_features, own_random_stream
 
 RULES = ("min", "max", "random", "min_then_max")
 FUSIONS = ("none", "avg_distance", "cascade", "avg_rank")
@@ -393,7 +393,8 @@ class CriticalSampleDiscovery(ConfidentSampleDiscovery):
             raise TypeError(f"CriticalSampleDiscovery runs once per generation of a curriculum with iterations 1 "
                             f"(lightning_modules.lmcs.LMCS); {type(pl_module).__name__} has "
                             f"{getattr(curriculum, 'iterations', 'no curriculum')}")
-        super().discover_if_due(trainer, pl_module, epoch)
+        with own_random_stream():
+            super().discover_if_due(trainer, pl_module, epoch)
 
     def discover(self, trainer, pl_module, generation: int, iteration: int, epoch: int) -> None:
         dm = trainer.datamodule

@@ -686,7 +686,10 @@ class EmbeddingDataModule(L.LightningDataModule):
         subset = (lambda: np.flatnonzero(table >= 0)) if lookahead else self._current_labeled
         sampler = SubsetSampler(dataset, subset, num_samples=max(steps, 1) * per_rank,
                                 num_replicas=world, rank=rank, seed=seed)
-        return self._training_loader(dataset, sampler, per_rank)
+        loader = self._training_loader(dataset, sampler, per_rank)
+        if lookahead:  # its iterators' worker seeds come from its own generator, not the global stream, so
+            loader.generator = torch.Generator().manual_seed(seed)  # the other loaders' runs stay as without it
+        return loader
 
     def _eval_loader(self, records: Records, reveal_targets: bool) -> DataLoader:
         dataset = ImageDataset(records, self.eval_transform, reveal_targets=reveal_targets)

@@ -19,6 +19,14 @@ from lightning_modules.backbones import build_backbone
 from lightning_modules.heads import EmbeddingHead
 
 
+def hparam(cls: type) -> type:
+    """Marks a dataclass that modules take as a constructor argument: it is saved in the checkpoint's
+    hyperparameters, so a resume (torch.load with weights_only) must be allowed to rebuild it."""
+    torch.serialization.add_safe_globals([cls])
+    return cls
+
+
+@hparam
 @dataclass
 class Optim:
     """Optimizer and parameter groups. `lr_mult` maps a parameter-name prefix (e.g. "head") to an lr
@@ -36,6 +44,7 @@ class Optim:
     no_decay: list[str] = field(default_factory=list)
 
 
+@hparam
 @dataclass
 class Schedule:
     """lr factor per epoch. step: `factors[i]` of the initial lr from epoch `milestones[i]` on;

@@ -5,8 +5,12 @@ of the student: the current one, its snapshot at the end of the previous step (`
 chapter's 10) and the EMA student (the teacher). Each one's pooled penultimate feature h_j passes through
 its own converter A_j (a linear layer, initialised I / 3), the sum z = sum_j A_j(h_j) feeds the master
 decision network D_m (a linear class head, copied from the EMA student's when the master starts). Only
-the A_j and D_m train; the three students run inside the master without gradient and in eval mode, so a
-master update leaves every student parameter and BatchNorm statistic as it was (spec §3.4.1).
+the A_j and D_m train; the three students run inside the master without gradient and their BatchNorm never
+updates its running statistics, so a master update leaves every student parameter and BatchNorm statistic
+as it was (spec §3.4.1). While training, that BatchNorm normalises with the batch's statistics
+(`master_bn: batch`), as MixMatch's own label guess does [C]; the spec's eval mode (`master_bn: running`)
+made the guesses poor: plain MixMatch guessing in eval mode ended at 11.7-50.8 % error on digits against
+2.2-4.4 % (5 seeds), its running statistics being those of MixUp-mixed batches.
 
 The master is off in step 1 (there is no previous student). From step 2 on, every iteration adds
 J_M = label_weight * J_CE + lambda_C * J_C + eta * J_D to the student's MixMatch loss; the two touch
@@ -22,7 +26,8 @@ student and is the master evaluated. guidance: label_guess (the EMA master guess
 spec REC), extra_mse (a student-master softmax MSE, weight lambda_U, on the first unlabeled view) or
 none. The generations follow `curriculum` (phase 0, then one critical discovery per generation by
 callbacks.sample_discovery.CriticalSampleDiscovery, which hands the master each generation's samples
-one generation before the student).
+one generation before the student). Multi-GPU: the composition network gets no gradient in the first step,
+so DDP runs with --trainer.strategy=ddp_find_unused_parameters_true (Lightning's own error says so).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.features import extract_features
+from callbacks.features import extract_features, own_random_stream
 from callbacks.sample_discovery import class_centers
 from callbacks.search import _lloyd
 from lightning_modules.losses import fp32
@@ -41,6 +46,7 @@ from lightning_modules.snowball import Curriculum
 
 GUIDANCE = ("label_guess", "extra_mse", "none")
 JD_MODES = ("ratio", "literal", "neg_gap")
+MASTER_BN = ("batch", "running")
 VERSIONS = ("student", "previous", "teacher")  # current, previous-step and EMA student, in converter order
 
 
@@ -63,6 +69,22 @@ def discriminative_power(features: Tensor, centers: Tensor, mode: str = "ratio")
     if mode == "literal":
         return (d0 - d1).pow(2).mean()
     return -(d1 - d0).mean()
+
+
+@contextlib.contextmanager
+def untracked_batchnorm(*modules: nn.Module):
+    """Every BatchNorm in training mode normalises with the batch's statistics and leaves its running ones
+    (and batch count) as they were; one in eval mode keeps using its running statistics. MixMatch guesses
+    labels this way [C]: its guess pass runs in training mode and its BN updates are skipped."""
+    norms = [m for module in modules for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 @contextlib.contextmanager
@@ -94,14 +116,17 @@ class Composition(nn.Module):
 
 class ComposedTrunk(nn.Module):
     """x -> z: the students' trunks (held, not registered: their owner trains or averages them) run without
-    gradient in eval mode, then the converters."""
+    gradient, then the converters. Their BatchNorm never updates its running statistics here; it normalises
+    with them (running_stats, and always in evaluation) or, while the students are in training mode, with
+    the batch's (`untracked_batchnorm`)."""
 
-    def __init__(self, trunks: list[nn.Module], converters: nn.ModuleList):
+    def __init__(self, trunks: list[nn.Module], converters: nn.ModuleList, running_stats: bool = True):
         super().__init__()
-        self.trunks, self.converters = trunks, converters
+        self.trunks, self.converters, self.running_stats = trunks, converters, running_stats
 
     def student_features(self, images: Tensor) -> list[Tensor]:
-        with torch.no_grad(), eval_mode(*self.trunks):
+        norm = eval_mode if self.running_stats else untracked_batchnorm
+        with torch.no_grad(), norm(*self.trunks):
             return [trunk(images) for trunk in self.trunks]
 
     def forward(self, images: Tensor) -> Tensor:
@@ -118,6 +143,9 @@ class LMCS(SemiSupervised):
     guidance: label_guess | extra_mse | none (module docstring).
     label_weight, master_consistency_weight, jd_weight: J_M's weights of J_CE, J_C (None: lambda_U with its
       warm-up) and J_D (eta).
+    master_bn: how the students' BatchNorm normalises inside the master while training (its guesses and J_M):
+      batch (default) = the batch's statistics without updating the running ones, as MixMatch's own guess
+      pass [C]; running = eval mode (spec §3.4.1's REC). Evaluation always uses the running statistics.
     jd_mode: ratio | literal | neg_gap. kmeans_iterations / kmeans_samples: the J_D centres' Lloyd iterations
       and the unlabeled images they cluster (a seeded subsample beyond it).
     report_model: student | teacher | master (default teacher, the EMA student: spec §6).
@@ -129,7 +157,7 @@ class LMCS(SemiSupervised):
     def __init__(self, curriculum: Curriculum | None = None, step_epochs: int = 10, master_decay: float = 0.99,
                  guidance: str = "label_guess", label_weight: float = 1.0,
                  master_consistency_weight: float | None = None, jd_mode: str = "ratio", jd_weight: float = 0.1,
-                 kmeans_iterations: int = 20, kmeans_samples: int = 10_000, **kwargs):
+                 kmeans_iterations: int = 20, kmeans_samples: int = 10_000, master_bn: str = "batch", **kwargs):
         kwargs.setdefault("learner", "mixmatch")
         super().__init__(**kwargs)
         if self.learner != "mixmatch":
@@ -139,6 +167,9 @@ class LMCS(SemiSupervised):
             raise ValueError(f"guidance {guidance!r}: use one of {GUIDANCE}")
         if jd_mode not in JD_MODES:
             raise ValueError(f"jd_mode {jd_mode!r}: use one of {JD_MODES}")
+        if master_bn not in MASTER_BN:
+            raise ValueError(f"master_bn {master_bn!r}: use one of {MASTER_BN}")
+        self.master_bn = master_bn
         self.curriculum = curriculum or Curriculum(iterations=1)
         if self.curriculum.iterations != 1 or step_epochs < 1:
             raise ValueError(f"curriculum {self.curriculum}, step_epochs {step_epochs}: LMCS discovers once per "
@@ -151,20 +182,23 @@ class LMCS(SemiSupervised):
     def build_models(self, num_classes: int) -> None:
         super().build_models(num_classes)
         self.previous = frozen_copy(self.student)
-        self.lmc = Composition(self.trunk.out_dim, num_classes)
+        with own_random_stream():  # its draws are replaced (I / 3, D_m copied at the start); MixUp's stay MixMatch's
+            self.lmc = Composition(self.trunk.out_dim, num_classes)
         self.lmc_ema = frozen_copy(self.lmc)
         self.register_buffer("jd_centers", torch.zeros(num_classes, self.trunk.out_dim))
         self.register_buffer("master_started", torch.zeros((), dtype=torch.bool))
 
     # -- the master ----------------------------------------------------------------------------------
-    def composed_trunk(self, ema: bool = True) -> ComposedTrunk:
+    def composed_trunk(self, ema: bool = True, running_stats: bool | None = None) -> ComposedTrunk:
+        """The composition's trunk; running_stats None: the students' BatchNorm as `master_bn` says."""
         trunks = [getattr(self, version).trunk for version in VERSIONS]
-        return ComposedTrunk(trunks, (self.lmc_ema if ema else self.lmc).converters)
+        running = self.master_bn == "running" if running_stats is None else running_stats
+        return ComposedTrunk(trunks, (self.lmc_ema if ema else self.lmc).converters, running)
 
     @property
     def master(self) -> Classifier:
-        """The EMA master as a classifier (trunk = the composition): what guides and is evaluated."""
-        return Classifier(self.composed_trunk(ema=True), self.lmc_ema.decision)
+        """The EMA master as a classifier (trunk = the composition, running BN statistics): what is evaluated."""
+        return Classifier(self.composed_trunk(ema=True, running_stats=True), self.lmc_ema.decision)
 
     def master_active(self, epoch: int) -> bool:
         return epoch >= self.step_epochs
@@ -195,7 +229,8 @@ class LMCS(SemiSupervised):
                 self.lmc.decision.load_state_dict(self.teacher.head.state_dict())
                 self.lmc_ema.load_state_dict(self.lmc.state_dict())
             self.master_started.fill_(True)
-        self.jd_centers.copy_(self.kmeans_centers())
+        with own_random_stream():  # the feature pass's loader draws a seed
+            self.jd_centers.copy_(self.kmeans_centers())
 
     @torch.no_grad()
     def kmeans_centers(self) -> Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from callbacks.evaluation import deduplicate
+from lightning_modules.base import hparam
 from lightning_modules.heads import l2_normalize
 from lightning_modules.losses import fp32
 
@@ -180,6 +181,7 @@ def interpolation_loss(mixed: Tensor, target: Tensor, temperature: float = 0.1, 
     return F.cross_entropy(logits, torch.arange(len(mixed), device=mixed.device))
 
 
+@hparam
 @dataclass
 class Relations:
     """The relation terms added to a base loss: base + intra_weight·L_intra + inter_weight·L_inter.

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_modules.base import EmbeddingModule
+from lightning_modules.base import EmbeddingModule, hparam
 from lightning_modules.losses import fp32, multi_similarity_loss
 from lightning_modules.memory import IndexedMemory
 from lightning_modules.tac_ccl import TransformRanges, sample_homographies, warp
@@ -198,6 +198,7 @@ class OrderHead(nn.Module):
         return torch.tanh(z - z.transpose(1, 2))
 
 
+@hparam
 @dataclass
 class SelfAugment:
     """The self-augmentations A_i [P: "small random rotations, cropping, and resizing"; values R]: `views`

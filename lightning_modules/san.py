@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.base import hparam
 from lightning_modules.losses import fp32
 from lightning_modules.supervised import MetricLearning
 
@@ -114,6 +115,7 @@ def assembly_diagnostics(w: Tensor) -> dict[str, Tensor]:
 
 
 # -- the module ------------------------------------------------------------------------------------------
+@hparam
 @dataclass
 class Assembly:
     """Where and how SAN runs (spec §3.3, §3.8). enabled: false = the same network without SAN (the baseline

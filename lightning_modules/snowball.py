@@ -23,12 +23,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_modules.base import lr_factor
+from lightning_modules.base import hparam, lr_factor
 from lightning_modules.semi import SemiSupervised, frozen_copy, softmax_mse
 
 MASTER_ROWS = ("labeled", "all", "none")
 
 
+@hparam
 @dataclass
 class Curriculum:
     """Epoch layout of a Snowball run: `phase0_epochs` of the base learner (the initial model), then
@@ -75,8 +76,6 @@ class Curriculum:
             return epoch, self.phase0_epochs
         return (epoch - self.phase0_epochs) % self.iteration_epochs, self.iteration_epochs
 
-
-torch.serialization.add_safe_globals([Curriculum])  # saved in hparams; checkpoints load with weights_only
 
 
 class Snowball(SemiSupervised):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.base import EmbeddingModule
+from lightning_modules.base import EmbeddingModule, hparam
 from lightning_modules.losses import fp32, multi_similarity_loss
 from lightning_modules.memory import IndexedMemory
 
@@ -137,6 +137,7 @@ def homography_from_points(source: Tensor, target: Tensor) -> Tensor:
     return torch.cat([h, torch.ones_like(h[:, :1])], 1).reshape(-1, 3, 3)
 
 
+@hparam
 @dataclass
 class TransformRanges:
     """The family 𝒯 of self-pair transforms (§3.4 [R]; the chapter gives no ranges); one kind per pair.
@@ -267,6 +268,7 @@ class CrossImage(NamedTuple):
     inliers: Tensor     # (B, n) bool
 
 
+@hparam
 @dataclass
 class CrossPairs:
     """Cross-image supervision (§4.3.4 [R]). probability: share of anchors that, when matched, take the

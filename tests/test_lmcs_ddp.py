@@ -1,27 +1,15 @@
 """LMCS under real DDP (2 CPU processes, gloo) and across a resume: each finds the same critical samples with
 the same labels as one uninterrupted process in both generations, builds the same look-ahead set, starts the
 master, and scores the same errors."""
-import json
-import subprocess
-import sys
-
 import torch
 
+from tests.ddp_launch import one_or_launched
 from tests.ddp_lmcs import fit as fit_lmcs
 from tests.ddp_lmcs import run
 
 
 def fit(devices: int, tmp_path) -> dict:
-    """One process runs here; two are launched from a fresh process, as a user's DDP run would be."""
-    out = tmp_path / f"lmcs-{devices}.json"
-    if devices == 1:
-        threads = torch.get_num_threads()
-        run(1, str(out))
-        torch.set_num_threads(threads)
-    else:
-        subprocess.run([sys.executable, "-m", "tests.ddp_lmcs", "--devices", str(devices), "--out", str(out)],
-                       check=True, timeout=600)
-    return json.loads(out.read_text())
+    return one_or_launched("tests.ddp_lmcs", run, devices, tmp_path / f"lmcs-{devices}.json")
 
 
 def test_two_processes_discover_and_score_what_one_does(tmp_path):

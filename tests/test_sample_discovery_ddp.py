@@ -1,25 +1,11 @@
 """Real DDP: sample discovery under 2 CPU processes (gloo) adds the same images with the same labels as
 under 1, in both iterations of a generation; ClassificationEvaluator scores the same errors."""
-import json
-import subprocess
-import sys
-
-import torch
-
 from tests.ddp_discovery import run
+from tests.ddp_launch import one_or_launched
 
 
 def discover(devices: int, tmp_path) -> dict:
-    """One process runs here; two are launched from a fresh process, as a user's DDP run would be."""
-    out = tmp_path / f"discovery-{devices}.json"
-    if devices == 1:
-        threads = torch.get_num_threads()
-        run(1, str(out))
-        torch.set_num_threads(threads)
-    else:
-        subprocess.run([sys.executable, "-m", "tests.ddp_discovery", "--devices", str(devices), "--out", str(out)],
-                       check=True, timeout=600)
-    return json.loads(out.read_text())
+    return one_or_launched("tests.ddp_discovery", run, devices, tmp_path / f"discovery-{devices}.json")
 
 
 def test_two_processes_discover_what_one_does(tmp_path):

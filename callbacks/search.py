@@ -236,8 +236,9 @@ def _kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator) 
     return x[torch.cat(chosen)].clone()
 
 
-def _lloyd(x: Tensor, centroids: Tensor, iterations: int) -> tuple[Tensor, float]:
-    """Lloyd's iterations; an empty cluster keeps its previous centroid. Returns (labels, inertia)."""
+def lloyd(x: Tensor, centroids: Tensor, iterations: int) -> tuple[Tensor, float]:
+    """Lloyd's iterations from the given centroids, which it moves in place (LMCS starts them at the labeled
+    class means); an empty cluster keeps its previous centroid. Returns (labels, inertia)."""
     previous = None
     for _ in range(iterations):
         labels, _ = _assign(x, centroids)
@@ -258,7 +259,7 @@ def _torch_kmeans(x: Tensor, num_clusters: int, seed: int, restarts: int, iterat
     generator = torch.Generator(device=x.device).manual_seed(seed)
     best_labels, best_inertia = None, float("inf")
     for _ in range(restarts):
-        labels, inertia = _lloyd(x, _kmeans_plus_plus(x, num_clusters, generator), iterations)
+        labels, inertia = lloyd(x, _kmeans_plus_plus(x, num_clusters, generator), iterations)
         if inertia < best_inertia:
             best_labels, best_inertia = labels, inertia
     return best_labels

@@ -26,12 +26,13 @@ from datamodules.samplers import EpochSampler, PKSampler, SubsetSampler
 from datamodules.transforms import MultiView, build_transform
 
 __all__ = ["DatasetSizeError", "DatasetSizeWarning", "EmbeddingDataModule", "EpochSampler", "ImageDataset",
-           "MultiViewDataset", "Records", "dataset_dir", "draw_labeled", "has_files", "load_image", "require_paths",
-           "sample_seed"]
+           "MultiViewDataset", "Records", "dataset_dir", "draw_labeled", "has_files", "load_image",
+           "proportional_counts", "require_paths", "sample_seed"]
 
 EVAL_ROLES = ("reference", "query", "gallery")
 HIDDEN = -1  # target value of every training sample whose label the protocol hides
 SAMPLERS = ("random", "pk")
+LABEL_SPLITS = ("balanced", "proportional")
 
 
 class DatasetSizeWarning(UserWarning):
@@ -124,16 +125,39 @@ def dataset_dir(name: str, root: str | os.PathLike | None, folder: str, paths: S
     return require_paths(name, root, [f"{folder}/{p}" for p in paths], url, hint) / folder
 
 
-def draw_labeled(targets: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Sorted indices of `per_class` images of every class, drawn with `seed` (the semi-supervised split)."""
+def proportional_counts(class_sizes, total: int) -> np.ndarray:
+    """Labels per class for `total` labels that follow the class histogram, as MixMatch's create_split.py
+    draws them [C] (SVHN's classes are skewed; a balanced draw would not keep them): each label in turn goes
+    to the class furthest below its share, the largest size / max size - count / max(max count, 1), the
+    lower class index on a tie. Empty classes get none; with total >= the classes, every other gets one."""
+    sizes = np.asarray(class_sizes, dtype=np.float64)
+    if not 0 < total <= sizes.sum():
+        raise ValueError(f"a proportional split of {total} labels needs between 1 and {int(sizes.sum())} (every "
+                         "image); change --data.labels_per_class")
+    share = np.where(sizes > 0, sizes / sizes.max(), -np.inf)
+    counts = np.zeros(len(sizes), dtype=np.int64)
+    for _ in range(total):
+        counts[np.argmax(share - counts / max(counts.max(), 1))] += 1
+    return counts
+
+
+def draw_labeled(targets: np.ndarray, per_class: int, seed: int, split: str = "balanced") -> np.ndarray:
+    """Sorted indices of the labeled images, drawn with `seed` (the semi-supervised split): `per_class` of
+    every class (balanced), or `per_class` x classes in all, in proportion to the class sizes (proportional,
+    see `proportional_counts`)."""
+    if split not in LABEL_SPLITS:
+        raise ValueError(f"label_split {split!r} is not one of {LABEL_SPLITS}")
+    classes = np.unique(targets[targets >= 0])
+    members = [np.flatnonzero(targets == c) for c in classes]
+    counts = (proportional_counts([len(m) for m in members], per_class * len(classes))
+              if split == "proportional" else [per_class] * len(classes))
     rng = np.random.default_rng(seed)
     picks = []
-    for c in np.unique(targets[targets >= 0]):
-        members = np.flatnonzero(targets == c)
-        if len(members) < per_class:
-            raise ValueError(f"class {c} has {len(members)} training images, fewer than labels_per_class="
-                             f"{per_class}; lower --data.labels_per_class")
-        picks.append(rng.choice(members, size=per_class, replace=False))
+    for c, m, count in zip(classes, members, counts):
+        if len(m) < count:
+            raise ValueError(f"class {c} has {len(m)} training images, fewer than labels_per_class="
+                             f"{count}; lower --data.labels_per_class")
+        picks.append(rng.choice(m, size=count, replace=False))
     return np.sort(np.concatenate(picks))
 
 
@@ -281,6 +305,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         labeled_batch_size: int | None = None,
         unlabeled_includes_labeled: bool = False,
         split_seed: int | None = 0,
+        label_split: str = "balanced",
         steps_per_epoch: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -303,6 +328,10 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.supervised, self.sampler, self.samples_per_class = supervised, sampler, samples_per_class
         self.labels_per_class, self.labeled_batch_size = labels_per_class, labeled_batch_size or batch_size
         self.unlabeled_includes_labeled, self.split_seed = unlabeled_includes_labeled, split_seed
+        if label_split not in LABEL_SPLITS:
+            raise ValueError(f"label_split {label_split!r} is not one of {LABEL_SPLITS}; set "
+                             f"--data.label_split to one of them")
+        self.label_split = label_split
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch {steps_per_epoch}: use a positive count, or None for one pass")
         self.steps_per_epoch = steps_per_epoch
@@ -348,7 +377,8 @@ class EmbeddingDataModule(L.LightningDataModule):
             self.check_images(splits)
         if self.protocol == "semi":
             targets = np.asarray(splits["train"].targets)
-            self._original_labeled = draw_labeled(targets, self.labels_per_class, self.split_seed)
+            self._original_labeled = draw_labeled(targets, self.labels_per_class, self.split_seed,
+                                                  self.label_split)
             self._label_table = np.empty(len(targets), dtype=np.int64)
             self._restore_drawn_labels(targets)
         self.splits = splits

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from callbacks.features import extract_features, own_random_stream
 from callbacks.sample_discovery import class_centers
-from callbacks.search import _lloyd
+from callbacks.search import lloyd
 from lightning_modules.losses import fp32
 from lightning_modules.semi import Classifier, SemiSupervised, frozen_copy, sharpen, softmax_mse
 from lightning_modules.snowball import Curriculum
@@ -247,7 +247,7 @@ class LMCS(SemiSupervised):
         labeled = torch.as_tensor(dm.labeled_indices, device=features.device)
         targets = torch.as_tensor(dm.labeled_targets, device=features.device)
         centers = class_centers(features[labeled], targets, self.num_classes).nan_to_num(0.0)
-        _lloyd(features[unlabeled].float(), centers, self.kmeans_iterations)  # moves `centers` in place
+        lloyd(features[unlabeled].float(), centers, self.kmeans_iterations)  # moves `centers` in place
         return centers
 
     # -- training ------------------------------------------------------------------------------------

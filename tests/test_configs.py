@@ -239,7 +239,8 @@ LMCS = {"model.learner": "mixmatch", "model.sharpen_temperature": 0.5, "model.mi
 # R_L = 10 reached in G = 4 doublings (2x, 4x, 8x, 10x: §3.6); backbones §2; lambda_U per column of §5
 LMCS_R10 = {**LMCS, "trainer.callbacks.CriticalSampleDiscovery.max_ratio": 10.0, "trainer.max_epochs": 1024 + 4 * 200}
 LMCS_WRN_CIFAR10 = {**LMCS_R10, "model.backbone": "wrn28_2", "model.consistency_weight": 75.0}
-LMCS_WRN_SVHN = {**LMCS_R10, "model.backbone": "wrn28_2", "model.consistency_weight": 250.0}
+LMCS_WRN_SVHN = {**LMCS_R10, "model.backbone": "wrn28_2", "model.consistency_weight": 250.0,
+                 "data.label_split": "proportional"}
 LMCS_CNN13_CIFAR10 = {**LMCS_R10, "model.backbone": "convnet13_mixmatch", "model.consistency_weight": 75.0}
 LMCS_CNN13_CIFAR100 = {**LMCS, "model.backbone": "convnet13_mixmatch", "model.consistency_weight": 150.0}
 
@@ -318,7 +319,7 @@ PAPER_VALUES = {
     "lmcs/cifar10-100": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 10},
     "lmcs/cifar10": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 25},
     "lmcs/cifar10-500": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 50},
-    # SVHN: §2 follows MixMatch's class-proportional split; the datamodule draws a balanced one of the same size
+    # SVHN: §2 follows MixMatch's class-proportional split (labels_per_class x 10 in all)
     "lmcs/svhn-100": {**LMCS_WRN_SVHN, "data.labels_per_class": 10},
     "lmcs/svhn": {**LMCS_WRN_SVHN, "data.labels_per_class": 25},
     "lmcs/svhn-500": {**LMCS_WRN_SVHN, "data.labels_per_class": 50},

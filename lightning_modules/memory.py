@@ -2,13 +2,16 @@
 
 The bank is refilled with every clustered embedding at a k-means refresh and then updated FIFO with each
 step's batch (all ranks' rows, so the banks of all ranks stay identical). Its labels are never stored: a
-method reads `pseudo_labels[memory_index]` at use, so a re-clustering never leaves stale labels.
+method reads them at use (`memory_labels`: `pseudo_labels[memory_index]`), so a re-clustering never leaves
+stale labels.
 TAC-CCL, ROUL and the supervised / SAN queue all use this one.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from lightning_modules.losses import multi_similarity_loss
 
 
 class IndexedMemory:
@@ -36,6 +39,21 @@ class IndexedMemory:
         self.memory_embedding = self.memory_embedding.index_copy(0, slots, embedding.float())
         self.memory_index = self.memory_index.index_copy(0, slots, index)
         self.memory_cursor.copy_((self.memory_cursor + len(index)) % len(self.memory_index))
+
+    def memory_labels(self) -> Tensor:
+        """The bank rows' labels, read now from the module's pseudo labels."""
+        return self.pseudo_labels[self.memory_index]
+
+    def ms_with_memory(self, z: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, terms): the MS loss of the batch ("ms") plus memory_weight x the MS loss of the batch against
+        the bank ("ms_memory", when memory_weight), with the module's `ms` settings (TAC-CCL, ROUL)."""
+        terms = {"ms": multi_similarity_loss(z, labels, **self.ms)}
+        loss = terms["ms"]
+        if self.memory_weight:
+            terms["ms_memory"] = multi_similarity_loss(z, labels, self.memory_embedding, self.memory_labels(),
+                                                       **self.ms)
+            loss = loss + self.memory_weight * terms["ms_memory"]
+        return loss, terms
 
     def resize_buffers_from(self, checkpoint: dict, names: tuple[str, ...]) -> None:
         """Buffers whose size is the training set's (unknown at construction) take the checkpoint's shapes."""

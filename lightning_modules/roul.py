@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_modules.base import EmbeddingModule, hparam
-from lightning_modules.losses import fp32, multi_similarity_loss
+from lightning_modules.losses import fp32
 from lightning_modules.memory import IndexedMemory
 from lightning_modules.tac_ccl import TransformRanges, sample_homographies, warp
 
@@ -367,12 +367,7 @@ class ROUL(IndexedMemory, EmbeddingModule):
         if not self.rop_backprop_backbone:
             u = u.detach()
         z0 = z[:len(images)]
-        terms = {"ms": multi_similarity_loss(z0, labels, **self.ms)}
-        loss = terms["ms"]
-        if self.memory_weight:
-            terms["ms_memory"] = multi_similarity_loss(z0, labels, self.memory_embedding,
-                                                       self.pseudo_labels[self.memory_index], **self.ms)
-            loss = loss + self.memory_weight * terms["ms_memory"]
+        loss, terms = self.ms_with_memory(z0, labels)
         if self.mv_weight:
             terms["mv"] = marginal_variance(z0, labels, self.mv_h)
             loss = loss + self.mv_weight * terms["mv"]

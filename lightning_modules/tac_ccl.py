@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.base import EmbeddingModule, hparam
-from lightning_modules.losses import fp32, multi_similarity_loss
+from lightning_modules.losses import fp32
 from lightning_modules.memory import IndexedMemory
 
 HOMOGRAPHY_KINDS = ("crop", "zoom", "rotation", "perspective")
@@ -545,12 +545,7 @@ class TACCCL(IndexedMemory, EmbeddingModule):
         else:
             z, attention, _ = self.attend(images)
             z = z.float()
-        terms = {"ms": multi_similarity_loss(z, labels, **self.ms)}
-        loss = terms["ms"]
-        if self.memory_weight:
-            terms["ms_memory"] = multi_similarity_loss(z, labels, self.memory_embedding,
-                                                       self.pseudo_labels[self.memory_index], **self.ms)
-            loss = loss + self.memory_weight * terms["ms_memory"]
+        loss, terms = self.ms_with_memory(z, labels)
         if self.ccl_weight:
             assigned = labels if self.ccl_positive == "assigned" else None
             terms["ccl"] = contrastive_clustering_loss(z, self.centers, assigned)

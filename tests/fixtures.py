@@ -71,6 +71,21 @@ def write_cifar10(root: Path, per_class: int = 3, test_per_class: int = 2) -> Pa
     return Path(root)
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_cifar10_folders(root: Path, per_class: int = 3, test_per_class: int = 2) -> Path:
+    """root/train/<class>/NNNN.png and root/test/<class>/NNNN.jpg, the image-folder layout of CIFAR-10.
+    Train image k of class c has pattern(10 * k + c) (PNG, lossless); test images are JPEGs."""
+    for split, count, suffix in (("train", per_class, "png"), ("test", test_per_class, "jpg")):
+        for c, name in enumerate(CIFAR10_CLASSES):
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                Image.fromarray(pattern(10 * k + c, 32, 32)).save(folder / f"{k:04d}.{suffix}", quality=95)
+    return Path(root)
+
+
 def write_cifar100(root: Path, per_class: int = 2, test_per_class: int = 1) -> Path:
     """root/cifar-100-python/: train, test, meta; coarse labels differ from fine ones (fine = target)."""
     folder = Path(root) / "cifar-100-python"

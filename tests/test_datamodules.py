@@ -70,6 +70,59 @@ def test_cifar10_reads_every_pixel_and_maps_the_seen_protocol(tmp_path):
     assert batch["target"].tolist() == test.targets.tolist()  # eval loaders reveal labels
 
 
+def test_cifar10_image_folders_read_as_the_pickles_and_map_every_protocol(tmp_path):
+    root = str(F.write_cifar10_folders(tmp_path, per_class=4, test_per_class=2))
+    dm = setup(CIFAR10DataModule(root=root, batch_size=8, allow_partial=True))
+    train, test = dm.splits["train"], dm.splits["query"]
+    assert (len(train), len(test)) == (40, 20)
+    # classes in the official label order, files sorted within a class, pixels exact for lossless files
+    assert train.targets.tolist() == np.repeat(np.arange(10), 4).tolist()
+    np.testing.assert_array_equal(train.items[4 * 3 + 2], F.pattern(10 * 2 + 3, 32, 32))
+    assert test.items.shape == (20, 32, 32, 3) and test.targets.tolist() == np.repeat(np.arange(10), 2).tolist()
+    check_train_batches(dm, views=2, shape=(3, 32, 32))
+
+    unseen = setup(CIFAR10DataModule(root=root, protocol="unseen", batch_size=4, allow_partial=True))
+    assert unseen.splits["train"].targets.tolist() == np.repeat(np.arange(5), 4).tolist()
+    np.testing.assert_array_equal(unseen.splits["train"].items[-1], F.pattern(10 * 3 + 4, 32, 32))
+    assert unseen.splits["query"].targets.tolist() == np.repeat(np.arange(5), 2).tolist()  # classes 5-9
+    assert unseen.eval_roles == ["query"]
+
+    semi = setup(CIFAR10DataModule(root=root, protocol="semi", labels_per_class=1, batch_size=4,
+                                   allow_partial=True))
+    assert len(semi.splits["train"]) == 40 and len(semi.splits["query"]) == 20
+
+
+def test_cifar10_validation_split_holds_out_train_images_and_never_the_test_split(tmp_path):
+    root = str(F.write_cifar10_folders(tmp_path, per_class=4, test_per_class=2))
+    seen = setup(CIFAR10DataModule(root=root, validation_per_class=1, validation_seed=100, batch_size=4,
+                                   allow_partial=True))
+    train, val = seen.splits["train"], seen.splits["query"]
+    assert (len(train), len(val)) == (30, 10) and seen.splits["reference"] is train
+    assert np.bincount(val.targets).tolist() == [1] * 10
+    every_train = {F.pattern(i, 32, 32).tobytes() for i in range(40)}
+    held, kept = {x.tobytes() for x in val.items}, {x.tobytes() for x in train.items}
+    assert held <= every_train and not held & kept  # train images, left out of training
+    again = setup(CIFAR10DataModule(root=root, validation_per_class=1, validation_seed=100, allow_partial=True))
+    other = setup(CIFAR10DataModule(root=root, validation_per_class=1, validation_seed=101, allow_partial=True))
+    np.testing.assert_array_equal(again.splits["query"].items, val.items)
+    assert not np.array_equal(other.splits["query"].items, val.items)
+
+    unseen = setup(CIFAR10DataModule(root=root, protocol="unseen", validation_per_class=3, allow_partial=True))
+    query = unseen.splits["query"]
+    assert len(unseen.splits["train"]) == 20 and np.bincount(query.targets).tolist() == [3] * 5
+    unseen_train_images = {F.pattern(10 * k + c, 32, 32).tobytes() for k in range(4) for c in range(5, 10)}
+    assert {x.tobytes() for x in query.items} <= unseen_train_images
+    with pytest.raises(ValueError, match="lower --data.validation_per_class"):
+        setup(CIFAR10DataModule(root=root, validation_per_class=4, allow_partial=True))
+
+
+def test_cifar10_image_folders_name_missing_classes(tmp_path):
+    root = F.write_cifar10_folders(tmp_path, per_class=1, test_per_class=1)
+    (root / "test" / "truck").rename(root / "test" / "lorry")
+    with pytest.raises(FileNotFoundError, match=r"missing \['truck'\], unexpected \['lorry'\]"):
+        CIFAR10DataModule(root=str(root), allow_partial=True).setup()
+
+
 def test_count_mismatch_fails_naming_the_counts_and_the_flag_which_downgrades_it(tmp_path):
     root = str(F.write_cifar10(tmp_path))
     counts = (r"CIFAR-10 train: 30 images, published 50,000 \(49,970 fewer\); "
@@ -326,7 +379,7 @@ def test_empty_split_is_a_hard_error(tmp_path):
 
 def test_unknown_protocol_and_too_few_images_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"protocol 'unseen' is not one of \('seen', 'semi'\)"):
-        CIFAR10DataModule(protocol="unseen")
+        SVHNDataModule(protocol="unseen")
     dm = setup(CUBDataModule(root=str(F.write_cub(tmp_path)), batch_size=64, allow_partial=True))
     with pytest.raises(ValueError, match="fewer than one batch of 64; lower --data.batch_size"):
         dm.train_dataloader()

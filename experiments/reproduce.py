@@ -6,7 +6,9 @@ then one markdown table of each row's run against the paper's number, with the d
     python -m experiments.reproduce isif table8-digits --sweep         # a W&B sweep grid over the rows
     python -m experiments.reproduce isif table8-digits --rows full -- --trainer.max_epochs=2  # part, overrides
 
-(`make reproduce METHOD=isif TABLE=table8-digits`, with DRY_RUN=1, SWEEP=1, ROWS=..., ARGS=...)
+    python -m experiments.reproduce eir table1-cpu --seeds 0 1 2 --out runs/eir-t1  # each row over seeds
+
+(`make reproduce METHOD=isif TABLE=table8-digits`, with DRY_RUN=1, SWEEP=1, ROWS=..., SEEDS="0 1 2", ARGS=...)
 
 A table file is data: `method`, `dataset`, `source` (the paper's table), `config` (under
 experiments/configs/, default <method>/<dataset>.yaml), `metrics` (the columns), `args` (flags every row
@@ -14,6 +16,14 @@ gets) and `rows`, each a `name`, its `args` (the ablation switches the configs l
 optional `config`, and `paper` ({metric: the published number}). A row's run lives in
 `<out>/<row id>/`; a row whose directory already holds final_metrics.json is not run again, so the same
 `--out` continues an interrupted table. Runs report the last epoch (`final`).
+
+With `--seeds`, each row runs once per seed into `<out>/<row id>/seed<N>/` (`--seed_everything=N` plus the
+method's own seed flags, `experiments.seeds.SEED_FLAGS`, or the table's `seed_args`), and the table shows
+per row the mean and the worst seed, and against the table's `baseline` row (default: the first) the
+paired difference over the seeds both rows ran, beside the paper's difference, with whether the paper's
+direction holds. Every row present in `<out>` is shown, whichever `--rows` ran. A row's directory keeps
+the overrides it ran with (`row.json`): a row already done is announced as kept, and one whose overrides
+differ is refused rather than mixed into the table.
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +44,9 @@ import yaml
 
 TABLES = Path(__file__).with_name("tables")
 CONFIGS = Path(__file__).with_name("configs")
-TABLE_KEYS = {"method", "dataset", "source", "title", "config", "metrics", "args", "rows", "paper_dataset"}
+TABLE_KEYS = {"method", "dataset", "source", "title", "config", "metrics", "args", "rows", "paper_dataset",
+              "baseline", "budget", "seed_args"}
+LOWER_IS_BETTER = ("val/error",)  # metrics (and their prefixed forms, val/error_master) where lower is better
 ROW_KEYS = {"name", "args", "config", "dataset", "paper"}
 
 
@@ -62,6 +75,13 @@ class Table:
     config: str = ""
     args: list[str] = field(default_factory=list)
     paper_dataset: str = ""  # the dataset of the paper's numbers when it differs (a digits version)
+    baseline: str = ""  # the row the others are paired against (default: the first)
+    budget: str = ""  # what a run costs, for the effects table (network, images, epochs)
+    seed_args: list[str] | None = None  # flags that move a run's seeds, "{seed}" filled in
+
+    @property
+    def baseline_row(self) -> Row:
+        return next((r for r in self.rows if r.id == slug(self.baseline)), self.rows[0])
 
 
 def slug(name: str) -> str:
@@ -102,12 +122,16 @@ def load_table(path: Path) -> Table:
     table = Table(id=Path(path).stem, method=spec["method"], dataset=spec["dataset"], source=spec["source"],
                   metrics=list(spec["metrics"]), rows=rows, title=spec.get("title", ""),
                   config=spec.get("config") or "",
-                  args=[str(a) for a in spec.get("args") or []], paper_dataset=spec.get("paper_dataset", ""))
+                  args=[str(a) for a in spec.get("args") or []], paper_dataset=spec.get("paper_dataset", ""),
+                  baseline=spec.get("baseline", ""), budget=spec.get("budget", ""),
+                  seed_args=None if spec.get("seed_args") is None else [str(a) for a in spec["seed_args"]])
     if not rows:
         raise ValueError(f"{where}: no rows")
     ids = [r.id for r in rows]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{where}: row names must differ after slugging: {ids}")
+    if table.baseline and slug(table.baseline) not in ids:
+        raise ValueError(f"{where}: baseline {table.baseline!r} is not a row ({ids})")
     for row in rows:
         extra = set(row.paper) - set(table.metrics)
         if extra:
@@ -138,6 +162,35 @@ def train_args(table: Table, row: Row, run_dir: Path | str, logger: str, overrid
 
 def command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "experiments.train", *args]
+
+
+def seed_args(table: Table, seed: int | None) -> list[str]:
+    """The flags that run a row on `seed`: the table's own, else seed_everything and the method's seeds."""
+    if seed is None:
+        return []
+    from experiments.seeds import SEED_FLAGS
+    flags = table.seed_args if table.seed_args is not None else [
+        "--seed_everything={seed}", *SEED_FLAGS.get(table.method, [])]
+    return [flag.format(seed=seed) for flag in flags]
+
+
+def run_dir(out: Path, row: Row, seed: int | None) -> Path:
+    return out / row.id if seed is None else out / row.id / f"seed{seed}"
+
+
+def row_overrides(table: Table, row: Row, seed: int | None, overrides: list[str]) -> list[str]:
+    """What a row's run depends on besides its directory: the table's and row's flags, seed, overrides."""
+    return [*table.args, *row.args, *seed_args(table, seed), *overrides]
+
+
+def check_kept(directory: Path, expected: list[str]) -> None:
+    """A finished row is kept when it ran with `expected`; one that ran with other overrides is refused."""
+    stored = directory / "row.json"
+    ran = json.loads(stored.read_text())["overrides"] if stored.is_file() else None
+    if ran is not None and ran != expected:
+        changed = sorted(set(ran) ^ set(expected))
+        raise SystemExit(f"{directory} already holds this row run with other overrides (differing: {changed}); "
+                         "use another --out, or delete that row's folder to run it again")
 
 
 def result_table(table: Table, finals: dict[str, dict[str, float]]) -> pd.DataFrame:
@@ -208,6 +261,101 @@ def read_final(run_dir: Path) -> dict[str, float] | None:
     return json.loads(path.read_text())["final"] if path.is_file() else None
 
 
+def read_seeds(out: Path, row: Row) -> dict[int, dict[str, float]]:
+    """{seed: final metrics} of every finished seed run of `row` under `out`."""
+    runs = {}
+    for directory in sorted((out / row.id).glob("seed*")):
+        final = read_final(directory)
+        if final is not None and directory.name[4:].isdigit():
+            runs[int(directory.name[4:])] = final
+    return runs
+
+
+def better(metric: str, difference: float) -> float:
+    """A difference signed so that positive is an improvement."""
+    return -difference if metric.startswith(LOWER_IS_BETTER) else difference
+
+
+def seed_table(table: Table, runs: dict[str, dict[int, dict[str, float]]]) -> pd.DataFrame:
+    """One line per row and metric: seeds, mean, worst seed; the paired difference to the baseline row
+    over the seeds both ran (mean, worst, spread), the paper's difference, and whether its direction holds."""
+    base = table.baseline_row
+    lines = []
+    for row in table.rows:
+        seeds = runs.get(row.id, {})
+        for metric in table.metrics:
+            values = {s: r[metric] for s, r in seeds.items() if metric in r}
+            if not values:
+                continue
+            worst = (max if metric.startswith(LOWER_IS_BETTER) else min)(values.values())
+            line = {"row": row.name, "metric": metric, "seeds": " ".join(map(str, sorted(values))),
+                    "mean": statistics.mean(values.values()), "worst": worst}
+            paired = {s: v - runs[base.id][s][metric] for s, v in values.items()
+                      if row is not base and metric in runs.get(base.id, {}).get(s, {})}
+            paper = (row.paper[metric] - base.paper[metric]
+                     if row is not base and metric in row.paper and metric in base.paper else None)
+            if paired:
+                gains = [better(metric, d) for d in paired.values()]
+                line.update({"diff mean": statistics.mean(paired.values()),
+                             "diff worst": min(gains) if not metric.startswith(LOWER_IS_BETTER) else -min(gains),
+                             "diff spread": statistics.stdev(paired.values()) if len(paired) > 1 else None})
+                if paper is not None:
+                    line["direction"] = ("✓" if better(metric, line["diff mean"]) * better(metric, paper) > 0
+                                         else "✗")
+            line["paper diff"] = paper
+            lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def seed_markdown(table: Table, frame: pd.DataFrame) -> str:
+    """The seeded table as markdown: numbers to one decimal, '-' where there is none."""
+    base = table.baseline_row.name
+    header = ["row", "metric", "seeds", "mean", "worst", f"diff vs {base}: mean", "worst", "spread",
+              "paper diff", "direction"]
+    keys = ["row", "metric", "seeds", "mean", "worst", "diff mean", "diff worst", "diff spread", "paper diff",
+            "direction"]
+    budget = f"; budget: {table.budget}" if table.budget else ""
+    lines = [f"{table.title or table.source} ({table.method}, {table.dataset}; last epoch over seeds, diff = "
+             f"row - {base} on the same seed{budget})", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for _, line in frame.iterrows():
+        cells = []
+        for key in keys:
+            value = line.get(key)
+            if value is None or (isinstance(value, float) and pd.isna(value)):
+                cells.append("-")
+            elif isinstance(value, float):
+                cells.append(f"{value:+.1f}" if "diff" in key else f"{value:.1f}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_chart(table: Table, runs: dict[str, dict[int, dict[str, float]]], path: Path) -> Path:
+    """Per metric a panel, per row every seed's point and the mean as a bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in table.rows if runs.get(r.id)]
+    fig, axes = plt.subplots(1, len(table.metrics), figsize=(1.1 * len(rows) * len(table.metrics) + 2.5, 3.6),
+                             dpi=100, squeeze=False)
+    for ax, metric in zip(axes[0], table.metrics):
+        for x, row in enumerate(rows):
+            values = [r[metric] for r in runs[row.id].values() if metric in r]
+            if values:
+                ax.bar(x, statistics.mean(values), 0.6, alpha=0.35, color="C0")
+                ax.scatter([x] * len(values), values, s=14, color="C0", zorder=3)
+        ax.set_xticks(range(len(rows)), [r.name for r in rows], rotation=20, fontsize=8)
+        ax.set_title(metric, fontsize=9)
+    fig.suptitle(f"{table.title or table.source}: every seed (dots) and the mean (bar)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method", help="isif, umm, ... (ignored when TABLE is a path)")
@@ -218,6 +366,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dry-run", action="store_true", default=bool(os.environ.get("DRY_RUN")),
                         help="print the rows' commands, run nothing (also DRY_RUN=1)")
     parser.add_argument("--sweep", action="store_true", help="print a W&B sweep grid over the rows (YAML)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run each row once per seed into OUT/<row>/seed<N>/ (also SEEDS=\"0 1 2\")")
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
@@ -234,20 +384,37 @@ def main(argv=None) -> None:
     rows = [r for r in table.rows if args.rows is None or r.id in args.rows]
     out = args.out or Path("runs/reproduce", f"{table.id}-{time.strftime('%Y%m%d-%H%M%S')}")
     for row in rows:
-        cmd = command(train_args(table, row, out / row.id, args.logger, args.overrides))
-        if args.dry_run:
-            print(shlex.join(cmd))
-        elif read_final(out / row.id) is None:
-            print(f"== {table.id}: {row.name}\n{shlex.join(cmd)}", flush=True)
-            subprocess.run(cmd, check=True)
+        for seed in args.seeds or [None]:
+            directory = run_dir(out, row, seed)
+            expected = row_overrides(table, row, seed, args.overrides)
+            cmd = command(train_args(table, row, directory, args.logger, [*seed_args(table, seed), *args.overrides]))
+            done = read_final(directory) is not None
+            if done:
+                check_kept(directory, expected)
+            if args.dry_run:
+                print(("# done, kept: " if done else "") + shlex.join(cmd))
+            elif done:
+                print(f"== {table.id}: {row.name}{'' if seed is None else f' seed {seed}'}: kept ({directory})")
+            else:
+                print(f"== {table.id}: {row.name}{'' if seed is None else f' seed {seed}'}\n{shlex.join(cmd)}",
+                      flush=True)
+                subprocess.run(cmd, check=True)
+                (directory / "row.json").write_text(json.dumps({"overrides": expected}, indent=1))
     if args.dry_run:
         return
-    finals = {r.id: read_final(out / r.id) or {} for r in rows}
-    frame = result_table(Table(**{**table.__dict__, "rows": rows}), finals)
-    text = markdown(table, frame)
+    seeded = {r.id: read_seeds(out, r) for r in table.rows}
+    if any(seeded.values()):
+        frame = seed_table(table, seeded)
+        text = seed_markdown(table, frame)
+        seed_chart(table, seeded, out / "table.png")
+    else:
+        present = [r for r in table.rows if read_final(out / r.id) is not None]
+        finals = {r.id: read_final(out / r.id) or {} for r in present}
+        frame = result_table(Table(**{**table.__dict__, "rows": present}), finals)
+        text = markdown(table, frame)
+        bar_chart(table, frame, out / "table.png")
     (out / "table.md").write_text(text + "\n")
     frame.to_csv(out / "table.csv", index=False)
-    bar_chart(table, frame, out / "table.png")
     print(f"\n{text}\n\n(written to {out}/table.md, table.csv and table.png)")
 
 

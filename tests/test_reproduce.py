@@ -96,3 +96,54 @@ def test_sweep_dry_run_prints_sampled_trials_for_the_dataset(capsys):
     assert len({tuple(line) for line in lines}) == 3
     with pytest.raises(SystemExit, match="snowball has no cub protocol"):
         sweep_main(["snowball", "cub", "--dry-run"])
+
+
+def write_run(directory, final: dict, overrides=None) -> None:
+    """A finished row run as `main` leaves it: final metrics, and the overrides it ran with."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "final_metrics.json").write_text(json.dumps({"final": final}))
+    if overrides is not None:
+        (directory / "row.json").write_text(json.dumps({"overrides": overrides}))
+
+
+def test_seeded_rows_go_to_seed_folders_with_the_methods_seed_flags(tmp_path, capsys):
+    out = tmp_path / "t"
+    write_run(out / "full" / "seed1", {"val/knn_top1": 1.0},
+              ["--seed_everything=1", "--trainer.max_epochs=2"])  # done with these flags: kept
+    main(["tac_ccl", "table4.4-digits", "--rows", "baseline", "--seeds", "0", "1", "--out", str(out),
+          "--dry-run", "--", "--trainer.max_epochs=2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert f"--run.dir={out}/baseline/seed0" in lines[0] and f"--run.dir={out}/baseline/seed1" in lines[1]
+    for seed, line in enumerate(lines):  # TAC-CCL's own seeds move with seed_everything
+        assert {f"--seed_everything={seed}", f"--model.init_args.seed={seed}",
+                f"--trainer.callbacks.init_args.seed={seed}"} <= set(shlex.split(line))
+    main(["isif", "table8-digits", "--rows", "full", "--seeds", "1", "--out", str(out), "--dry-run", "--",
+          "--trainer.max_epochs=2"])
+    assert capsys.readouterr().out.startswith("# done, kept: ")
+    with pytest.raises(SystemExit, match=r"other overrides \(differing: \['--trainer.max_epochs=2', "
+                                         r"'--trainer.max_epochs=3'\]\)"):
+        main(["isif", "table8-digits", "--rows", "full", "--seeds", "1", "--out", str(out), "--dry-run", "--",
+              "--trainer.max_epochs=3"])
+
+
+def test_seeded_table_pairs_rows_with_the_baseline_on_the_same_seeds_and_keeps_every_row(tmp_path, capsys):
+    out = tmp_path / "t"
+    # ISIF Table 8 (digits): Full is the baseline row; paper knn: Full 83.6, No DA 37.4 (diff -46.2)
+    for seed, (full, no_da) in enumerate([(90.0, 50.0), (80.0, 60.0), (85.0, 40.0)]):
+        flags = [f"--seed_everything={seed}"]
+        write_run(out / "full" / f"seed{seed}", {"val/knn_top1": full, "val/nmi": 50.0}, flags)
+        write_run(out / "no-da" / f"seed{seed}", {"val/knn_top1": no_da, "val/nmi": 51.0},
+                  ["--data.init_args.train_transform=plain", *flags])
+    write_run(out / "hard" / "seed0", {"val/knn_top1": 91.0, "val/nmi": 49.0},
+              ["--model.init_args.negative_selection=hard_half", "--seed_everything=0"])
+    main(["isif", "table8-digits", "--rows", "hard", "--seeds", "0", "--out", str(out)])  # kept, not run
+    lines = (out / "table.md").read_text().splitlines()
+    assert lines[2].startswith("| row | metric | seeds | mean | worst | diff vs Full: mean | worst | spread |")
+    assert lines[4] == "| Full | val/knn_top1 | 0 1 2 | 85.0 | 80.0 | - | - | - | - | - |"
+    # no-da - full per seed: -40, -20, -45: mean -35, worst -45, sample std 13.2; paper -46.2, same direction
+    assert lines[6] == "| No DA | val/knn_top1 | 0 1 2 | 50.0 | 40.0 | -35.0 | -45.0 | +13.2 | -46.2 | ✓ |"
+    assert lines[7] == "| No DA | val/nmi | 0 1 2 | 51.0 | 51.0 | +1.0 | +1.0 | +0.0 | - | - |"
+    # Hard (paper 83.2, -0.4 below Full) ran seed 0 alone: +1.0 against Full's seed 0, against the paper
+    assert lines[8] == "| Hard | val/knn_top1 | 0 | 91.0 | 91.0 | +1.0 | +1.0 | - | -0.4 | ✗ |"
+    assert (out / "table.png").stat().st_size > 1000

@@ -1,0 +1,44 @@
+import json
+
+import pandas as pd
+
+from experiments.effects.gather import COLUMNS, main, read_results, summary
+
+
+def write_run(out, row: str, seed: int, final: dict, commit: str = "abc") -> None:
+    directory = out / row / f"seed{seed}"
+    directory.mkdir(parents=True)
+    run = {"method": "isif", "group": "isif-table8-digits", "git_commit": commit}
+    (directory / "final_metrics.json").write_text(json.dumps({"run": run, "final": final}))
+
+
+def test_gather_keeps_one_line_per_run_and_metric_and_builds_the_readme_table(tmp_path, capsys):
+    out, results = tmp_path / "isif-table8", tmp_path / "results.csv"
+    for seed, (full, no_da) in enumerate([(90.0, 50.0), (80.0, 60.0)]):
+        write_run(out, "full", seed, {"val/knn_top1": full})
+        write_run(out, "no-da", seed, {"val/knn_top1": no_da})
+    main([str(out), "--results", str(results)])
+    first = read_results(results)
+    assert list(first.columns) == COLUMNS and len(first) == 4
+    assert first.iloc[0].to_dict() == {"method": "isif", "table": "isif-table8-digits", "row": "full", "seed": 0,
+                                       "metric": "val/knn_top1", "value": 90.0, "git_commit": "abc",
+                                       "budget": ""}
+    # a rerun of one seed replaces its line, the other lines stay
+    (out / "no-da" / "seed1" / "final_metrics.json").unlink()
+    (out / "no-da" / "seed1").rmdir()
+    write_run(out, "no-da", 1, {"val/knn_top1": 70.0}, commit="def")
+    main([str(out), "--results", str(results), "--readme"])
+    again = read_results(results)
+    assert len(again) == 4
+    changed = again[(again.row == "no-da") & (again.seed == 1)].iloc[0]
+    assert (changed.value, changed.git_commit) == (70.0, "def")
+    # no-da - full: -40 (seed 0), -10 (seed 1): mean -25, worst -40; the paper's -46.2 has the same sign
+    table = capsys.readouterr().out.strip().splitlines()[-1]
+    assert table == "| isif | No DA vs Full | val/knn_top1 | 0 1 | -25.0 (-40.0) | -46.2 | ✓ |  |"
+
+
+def test_summary_marks_a_direction_the_paper_does_not_have():
+    lines = [{"method": "isif", "table": "isif-table8-digits", "row": r, "seed": 0, "metric": "val/knn_top1",
+              "value": v, "git_commit": "x", "budget": "b"} for r, v in (("full", 80.0), ("hard", 82.0))]
+    assert summary(pd.DataFrame(lines)).splitlines()[-1] == \
+        "| isif | Hard vs Full | val/knn_top1 | 0 | +2.0 (+2.0) | -0.4 | ✗ | b |"

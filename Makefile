@@ -35,12 +35,14 @@ compare: $(STAMP)
 
 # `make reproduce METHOD=isif TABLE=table8-digits`: every row of experiments/tables/<METHOD>-<TABLE>.yaml, then
 # the table against the paper. DRY_RUN=1 prints the commands, SWEEP=1 a W&B grid, ROWS="full hard" a part,
-# OUT=dir the folder (rows already there are kept), SEEDS="0 1 2" each row per seed, ARGS=... flags for every row.
+# OUT=dir the folder (rows already there are kept), SEEDS="0 1 2" each row per seed, DATA_ROOT=dir
+# the dataset's root, ARGS=... flags for every row.
 TABLE ?=
 reproduce: $(STAMP)
 	@test -n "$(TABLE)" || { echo "give TABLE=<id>; tables:"; ls experiments/tables | sed 's/.yaml$$//'; exit 2; }
 	$(PY) -m experiments.reproduce $(METHOD) $(TABLE) --logger $(LOGGER) $(if $(OUT),--out $(OUT)) \
-		$(if $(ROWS),--rows $(ROWS)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(DRY_RUN),--dry-run) $(if $(SWEEP),--sweep) $(if $(ARGS),-- $(ARGS))
+		$(if $(ROWS),--rows $(ROWS)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+		$(if $(DRY_RUN),--dry-run) $(if $(SWEEP),--sweep) $(if $(ARGS),-- $(ARGS))
 
 # `make sweep METHOD=umm DATASET=cub`: creates the W&B sweep experiments/sweeps/<METHOD>_<DATASET>.yaml (or the
 # digits one with its configs pointed at DATASET) and starts an agent; DRY_RUN=1 prints a few sampled trials.

@@ -368,10 +368,13 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep", action="store_true", help="print a W&B sweep grid over the rows (YAML)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="run each row once per seed into OUT/<row>/seed<N>/ (also SEEDS=\"0 1 2\")")
+    parser.add_argument("--data-root", default=None, help="every row's --data.init_args.root (also DATA_ROOT=)")
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
     args.overrides = argv[cut + 1:]  # after --: flags appended to every row's command
+    if args.data_root:
+        args.overrides.insert(0, f"--data.init_args.root={args.data_root}")
     path = table_path(args.method, args.table)
     table = load_table(path)
     if args.sweep:

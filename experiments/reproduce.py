@@ -248,12 +248,15 @@ def bar_chart(table: Table, frame: pd.DataFrame, path: Path) -> Path:
 
 
 def sweep_grid(table: Table, path: Path, overrides: list[str]) -> dict:
-    """A W&B grid sweep with one trial per row: the agent runs `experiments.reproduce <table> --rows <id>`."""
-    return {"name": f"{table.method}-{table.id}", "method": "grid", "program": "experiments/reproduce.py",
+    """A W&B grid sweep with one trial per row: the agent runs `experiments.reproduce <method> <table>
+    --rows=<id>` from the repository root, each trial a row of the table (W&B logging)."""
+    name = path.stem.removeprefix(f"{table.method}-") if path.parent.resolve() == TABLES.resolve() else (
+        os.path.relpath(path))
+    return {"name": table.id, "method": "grid",
             "metric": {"name": table.metrics[0], "goal": "minimize" if "error" in table.metrics[0] else "maximize"},
             "parameters": {"rows": {"values": [r.id for r in table.rows]}},
-            "command": ["${env}", "${interpreter}", "-m", "experiments.reproduce", str(path), "${args}",
-                        "--", *overrides]}
+            "command": ["${env}", "${interpreter}", "-m", "experiments.reproduce", table.method, name, "${args}",
+                        "--logger=wandb", *(["--", *overrides] if overrides else [])]}
 
 
 def read_final(run_dir: Path) -> dict[str, float] | None:

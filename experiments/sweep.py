@@ -80,7 +80,7 @@ def trial_command(sweep: dict, params: dict) -> list[str]:
     for part in sweep.get("command", ["${env}", "${interpreter}", "${program}", "${args}"]):
         if part == "${env}":
             continue
-        out += {"${interpreter}": [sys.executable], "python": [sys.executable], "${program}": [sweep["program"]],
+        out += {"${interpreter}": [sys.executable], "python": [sys.executable], "${program}": [sweep.get("program", "")],
                 "${args}": args, "${args_no_hyphens}": [a[2:] for a in args]}.get(str(part), [str(part)])
     return out
 

@@ -147,3 +147,16 @@ def test_seeded_table_pairs_rows_with_the_baseline_on_the_same_seeds_and_keeps_e
     # Hard (paper 83.2, -0.4 below Full) ran seed 0 alone: +1.0 against Full's seed 0, against the paper
     assert lines[8] == "| Hard | val/knn_top1 | 0 | 91.0 | 91.0 | +1.0 | +1.0 | - | -0.4 | ✗ |"
     assert (out / "table.png").stat().st_size > 1000
+
+
+def test_the_sweep_that_sweep_emits_runs_each_row(capsys):
+    from experiments.sweep import trial_command
+    main(["isif", "table8-digits", "--sweep", "--", "--trainer.max_epochs=2"])
+    sweep = yaml.safe_load(capsys.readouterr().out)
+    assert sweep["name"] == "isif-table8-digits"
+    for row in ("full", "easy"):
+        cmd = trial_command(sweep, {"rows": row})
+        cut = cmd.index("--")
+        done = subprocess.run([*cmd[:cut], "--dry-run", *cmd[cut:]], capture_output=True, text=True, check=True)
+        (line,) = done.stdout.strip().splitlines()
+        assert f"--run.variant={row}" in line and line.endswith("--trainer.max_epochs=2")

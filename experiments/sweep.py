@@ -1,8 +1,11 @@
 """`make sweep METHOD=umm DATASET=cub`: create the W&B sweep of a method on a dataset and start an agent.
 
-The sweep is experiments/sweeps/<method>_<dataset>.yaml, else the method's digits sweep with its config
-stack and run.dataset pointed at the dataset (the knobs and their ranges stay). `--dry-run` (DRY_RUN=1)
-prints the commands of a few sampled trials, as the agent would run them, and needs no server.
+The sweep is experiments/sweeps/<method>_<dataset>.yaml, else the method's digits sweep retargeted: its
+config stack and run.dataset point at the dataset, its metric is the one the dataset's protocol logs
+(seen: val/knn_top1, unseen: val/recall@1, semi: val/error), and each numeric range is moved by the ratio
+of the target config's value to the digits config's (a learning rate of 0.06 on digits searched over
+0.01-0.2 is searched over 0.00017-0.0033 for a config at 0.001). `--dry-run` (DRY_RUN=1) prints the metric
+and the commands of a few sampled trials, as the agent would run them, and needs no server.
 
     python -m experiments.sweep umm cub --dry-run --trials 3
     python -m experiments.sweep umm cub --count 20 --project embedding-suite
@@ -42,7 +45,47 @@ def load_sweep(method: str, dataset: str) -> dict:
              "--run.dataset=digits": f"--run.dataset={dataset}"}
     sweep["command"] = [swaps.get(str(part), part) for part in sweep["command"]]
     sweep["name"] = f"{method}-{dataset}"
+    source = ["datasets/digits.yaml", f"{method}/digits.yaml"]
+    target = [f"datasets/{dataset}.yaml", f"{method}/{dataset}.yaml"]
+    name, goal = PROTOCOL_METRICS[config_value(target, "data.protocol") or "seen"]
+    sweep["metric"] = {"name": name, "goal": goal}
+    for key, spec in sweep.get("parameters", {}).items():
+        old, new = config_value(source, key), config_value(target, key)
+        if isinstance(old, (int, float)) and isinstance(new, (int, float)) and old and new != old:
+            sweep["parameters"][key] = scaled(spec, new / old)
     return sweep
+
+
+# the metric a protocol's evaluation logs, and its direction
+PROTOCOL_METRICS = {"seen": ("val/knn_top1", "maximize"), "unseen": ("val/recall@1", "maximize"),
+                    "semi": ("val/error", "minimize")}
+
+
+def config_value(configs: list[str], key: str):
+    """The value a sweep key (`model.optim.lr`: a model / data argument) takes in a config stack (the
+    last file that sets it), or None."""
+    section, *rest = key.split(".")
+    path = [section, "init_args", *rest] if section in ("model", "data") else [section, *rest]
+    value = None
+    for config in configs:
+        node = yaml.safe_load((CONFIGS / config).read_text()) or {}
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node if node is not None else value
+    return value
+
+
+def scaled(spec: dict, factor: float) -> dict:
+    """A parameter spec with its numbers multiplied by `factor` (values, value, min and max)."""
+    out = dict(spec)
+    for field in ("min", "max", "value"):
+        if isinstance(out.get(field), (int, float)):
+            out[field] = out[field] * factor
+    if "values" in out:
+        out["values"] = [v * factor if isinstance(v, (int, float)) else v for v in out["values"]]
+    if out.get("distribution") == "int_uniform":
+        out["distribution"] = "uniform"
+    return out
 
 
 def sample_value(spec: dict, rng: random.Random):
@@ -97,6 +140,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     sweep = load_sweep(args.method, args.dataset)
     if args.dry_run:
+        print(f"# metric: {sweep['metric']['name']} ({sweep['metric']['goal']})")
         for params in sample_trials(sweep, args.trials, args.seed):
             print(shlex.join(trial_command(sweep, params)))
         return

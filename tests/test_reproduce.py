@@ -85,14 +85,16 @@ def test_make_reproduce_runs_the_rows_and_writes_the_table(tmp_path):
 
 def test_sweep_dry_run_prints_sampled_trials_for_the_dataset(capsys):
     sweep_main(["umm", "cub", "--dry-run", "--trials", "3"])
-    lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+    metric, *lines = capsys.readouterr().out.strip().splitlines()
+    assert metric == "# metric: val/recall@1 (maximize)"  # CUB is unseen classes: no kNN reference
+    lines = [shlex.split(line) for line in lines]
     assert len(lines) == 3
     for line in lines:
         assert line[1:5] == ["-m", "experiments.train", "fit", "--config=experiments/configs/base.yaml"]
         assert "--config=experiments/configs/umm/cub.yaml" in line and "--run.dataset=cub" in line
         assert "--config=experiments/configs/datasets/digits.yaml" not in line
-        lambda_n = float(next(a for a in line if a.startswith("--model.lambda_n=")).split("=")[1])
-        assert 0.064 <= lambda_n <= 6.4  # the digits sweep's range, log-uniform
+        lr = float(next(a for a in line if a.startswith("--model.optim.lr=")).split("=")[1])
+        assert 0.01 / 60 <= lr <= 0.2 / 60  # digits 0.01-0.2 around 0.06, moved to CUB's 0.001
     assert len({tuple(line) for line in lines}) == 3
     with pytest.raises(SystemExit, match="snowball has no cub protocol"):
         sweep_main(["snowball", "cub", "--dry-run"])

@@ -11,22 +11,26 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import hashlib
 import inspect
 import json
 import netrc
 import os
+import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import typing
+import urllib.request
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -96,10 +100,77 @@ def atomic_write(path: str | Path, write: typing.Callable[[typing.BinaryIO], Non
         os.close(folder)
 
 
+class CheckpointRefused(ValueError):
+    """A checkpoint file that is not loaded: it needs code to rebuild, or it is not a checkpoint at all."""
+
+
+def read_checkpoint(path: str | Path, source: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint in the local file `path`, loaded with torch.load(weights_only=True): tensors, numbers,
+    strings, containers and the allow-listed hparam dataclasses only, so a planted file cannot run code.
+    Anything else is a CheckpointRefused that names `source` (the path or URL the user gave); torch's own
+    text, which neither names the file nor should be followed here, is not chained."""
+    source = source or str(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CheckpointRefused(f"checkpoint {source} is not a readable checkpoint ({err}); pass a file "
+                                    "this suite saved (<run dir>/checkpoints/last.ckpt)") from None
+        needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"the callable {needed.group(1)}" if needed else "objects other than tensors and plain values"
+        raise CheckpointRefused(f"checkpoint {source} refused, nothing in it was run: loading it needs {what}, "
+                                "and a checkpoint may hold only tensors and plain values. Resume from a "
+                                "checkpoint this suite saved (<run dir>/checkpoints/last.ckpt)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, AttributeError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointRefused(f"checkpoint {source} is not a readable checkpoint ({reason}): truncated, or "
+                                "not written by torch.save; pass a file this suite saved "
+                                "(<run dir>/checkpoints/last.ckpt)") from None
+
+
+def url_file_name(url: str) -> str:
+    """The last part of a URL's path ("checkpoint.ckpt" when it has none)."""
+    return Path(unquote(urlparse(url).path)).name or "checkpoint.ckpt"
+
+
+def download(url: str, folder: str | Path, timeout: float = 60.0) -> tuple[Path, str]:
+    """(`url` copied into a new file in `folder`, its sha256). http(s) and file URLs through urllib (no
+    cache: torch.hub's download cache is keyed by the file name, so a later URL ending in the same name
+    would load the earlier file); other schemes (s3://, gs://, ...) through fsspec, whose filesystem
+    package must be installed."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=f"-{url_file_name(url)}")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if urlparse(url).scheme in ("http", "https", "file"):
+                source = urllib.request.urlopen(url, timeout=timeout)
+            else:
+                import fsspec
+                source = fsspec.open(url, "rb").open()
+            with source:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp), digest.hexdigest()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's TorchCheckpointIO with a same-folder atomic save. Lightning's own atomic save stages
     through fsspec's temp directory (another filesystem: the final move is a copy a kill can cut short)
-    and swallows PermissionError, so a run could end green without its checkpoint."""
+    and swallows PermissionError, so a run could end green without its checkpoint.
+    Loads go through `read_checkpoint` (weights_only=True, whatever the caller asks): Lightning's loader
+    would read a URL with weights_only=False; the CLI downloads a URL first (`SuiteCLI._parse_ckpt_path`)."""
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if "://" in str(path):
+            raise CheckpointRefused(f"checkpoint {path}: a URL is not loaded directly; download it and pass the "
+                                    "file (the command line does this for --ckpt_path)")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint {path}: no such file")
+        return read_checkpoint(path, map_location=map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -424,9 +495,41 @@ class SuiteCLI(LightningCLI):
         that differ are printed when the checkpoint loads (CommandLineWinsOnResume). A checkpoint file that
         is not there is refused now, before the run directory is made."""
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        special = ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path)
-        if ckpt_path and not special and not Path(ckpt_path).is_file():
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        local = ckpt_path
+        if "://" in ckpt_path:
+            try:
+                local, sha256 = download(ckpt_path, tempfile.gettempdir())
+            except (OSError, ValueError, ImportError) as err:
+                self.parser.error(f"--ckpt_path {ckpt_path}: could not download it ({err})")
+            self._downloaded = {"url": ckpt_path, "file": local, "sha256": sha256}
+        elif not Path(ckpt_path).is_file():
             self.parser.error(f"--ckpt_path {ckpt_path}: no such file (a run's is <run dir>/checkpoints/last.ckpt)")
+        try:
+            checkpoint = read_checkpoint(local, source=ckpt_path)
+            if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
+                raise CheckpointRefused(f"checkpoint {ckpt_path} holds no Lightning training state (state_dict, "
+                                        "pytorch-lightning_version); resume from <run dir>/checkpoints/last.ckpt")
+        except CheckpointRefused as err:
+            if "://" in ckpt_path:
+                Path(local).unlink(missing_ok=True)
+            self.parser.error(f"--ckpt_path: {err}")
+
+    def _keep_download(self, run_dir: str) -> None:
+        """A URL checkpoint, checked in `_parse_ckpt_path`, moves into <run dir>/downloads/ and the run
+        resumes from that file (atomically: DDP ranks each place the same bytes)."""
+        fetched = getattr(self, "_downloaded", None)
+        if not fetched or "file" not in fetched:
+            return
+        dest = Path(run_dir, "downloads", url_file_name(fetched["url"]))
+        with open(fetched["file"], "rb") as source:
+            atomic_write(dest, lambda f: shutil.copyfileobj(source, f))
+        Path(fetched.pop("file")).unlink(missing_ok=True)
+        fetched["path"] = str(dest)
+        self.config_init[self.subcommand]["ckpt_path"] = str(dest)
+        if rank_zero_only.rank == 0:
+            print(f"--ckpt_path {fetched['url']}: downloaded to {dest} (sha256 {fetched['sha256']}), resuming from it")
 
     def instantiate_classes(self) -> None:
         try:
@@ -451,6 +554,7 @@ class SuiteCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = self.run_dir
         ensure_writable(run_dir)
+        self._keep_download(run_dir)
         name = cfg.run.name or Path(run_dir).name
         trainer_cfg = self._get(self.config_init, "trainer")
         callbacks = [*(trainer_cfg.get("callbacks") or []), last_checkpoint(f"{run_dir}/checkpoints"),
@@ -472,6 +576,10 @@ class SuiteCLI(LightningCLI):
     def before_fit(self) -> None:
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        fetched = getattr(self, "_downloaded", None)
+        if fetched:  # the URL stays ckpt_path (what was asked); the file it resumed from and its hash are named
+            config = (f"# ckpt_path {fetched['url']} was downloaded to {fetched['path']} "
+                      f"(sha256 {fetched['sha256']}); the run resumed from that file\n{config}")
         Path(self.run_dir, "config.yaml").write_text(config)
         for logger in self.trainer.loggers:  # the flattened resolved config and the commit, filterable in W&B
             if isinstance(logger, WandbLogger):

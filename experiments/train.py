@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.evaluation import EmbeddingEvaluator, Scoreboard
 from datamodules.base import EmbeddingDataModule
-from lightning_modules.base import EmbeddingModule
+from lightning_modules.base import EmbeddingModule, divergence_message, non_finite_tensors, saved_checkpoint
 
 RUN_DIR_ENV = "SUITE_RUN_DIR"  # shared with the processes a DDP launch starts, so all ranks agree
 WANDB_ID_FILE = "wandb_id"  # in the run directory: a resumed run continues the same W&B run
@@ -188,6 +188,22 @@ def last_checkpoint(dirpath: str) -> ModelCheckpoint:
     """`last.ckpt`, overwritten at the end of every epoch (no monitor: never selected on the test split)."""
     return ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
+
+
+class FiniteWeightsOnly(Callback):
+    """Refuses to save a checkpoint whose weights hold NaN or inf (weights that blew up in an epoch's last
+    step pass the loss check, which runs before backward): the run stops with the divergence message and
+    the previous checkpoint stays as it was. A callback, so every save of every method is checked, on every
+    rank at once (DDP ranks hold the same weights). One pass over the state dict per save."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise FloatingPointError(divergence_message(f"non-finite weights ({shown}; not saved)",
+                                                        checkpoint.get("epoch", trainer.current_epoch),
+                                                        checkpoint.get("global_step", trainer.global_step),
+                                                        saved_checkpoint(trainer)))
 
 
 # -- loggers -------------------------------------------------------------------------------------
@@ -558,7 +574,7 @@ class SuiteCLI(LightningCLI):
         name = cfg.run.name or Path(run_dir).name
         trainer_cfg = self._get(self.config_init, "trainer")
         callbacks = [*(trainer_cfg.get("callbacks") or []), last_checkpoint(f"{run_dir}/checkpoints"),
-                     CommandLineWinsOnResume()]
+                     FiniteWeightsOnly(), CommandLineWinsOnResume()]
         plugins = trainer_cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):

@@ -8,10 +8,15 @@ import http.server
 import threading
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from experiments.train import RUN_DIR_ENV, main
+from callbacks import metrics
+from callbacks.evaluation import EmbeddingEvaluator
+from datamodules.digits import DigitsDataModule
+from experiments.train import RUN_DIR_ENV, AtomicCheckpointIO, FiniteWeightsOnly, last_checkpoint, main
+from lightning_modules.isif import ISIF
 
 CONFIGS = "experiments/configs"
 FAST = ["--run.logger=csv", "--trainer.enable_progress_bar=false", "--data.num_workers=0",
@@ -98,3 +103,77 @@ def test_a_url_checkpoint_is_downloaded_into_the_run_and_named_in_its_config(tmp
     assert f"ckpt_path: {url}/last.ckpt" in config
     assert f"downloaded to {copy} (sha256 {hashlib.sha256(wanted).hexdigest()})" in config
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+# -- 2. non-finite embeddings and weights ---------------------------------------------------------
+def one_nan(n: int = 40, d: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    emb = torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(0)), dim=1)
+    emb[3, 0] = float("nan")
+    return emb, torch.arange(n) % 4
+
+
+def test_every_metric_refuses_embeddings_holding_a_nan():
+    emb, target = one_nan()
+    with pytest.raises(FloatingPointError, match="queries: 1 of 40 rows hold NaN or inf"):
+        metrics.recall_at_k(emb, target, [1, 2])
+    with pytest.raises(FloatingPointError, match="gallery: 40 of 40 rows hold NaN or inf"):
+        metrics.recall_at_k(emb.nan_to_num(), target, [1], torch.full((40, 8), float("inf")), target)
+    with pytest.raises(FloatingPointError, match="reference: 1 of 40 rows"):
+        metrics.weighted_knn_top1(emb.nan_to_num(), target, emb, target, k=5)
+    with pytest.raises(FloatingPointError, match="1 of 40 rows hold NaN or inf"):
+        metrics.nmi(emb, target, restarts=1)
+    everything_nan = torch.full((40, 8), float("nan"))  # what the old code scored Recall@K = 100 at every K
+    with pytest.raises(FloatingPointError):
+        metrics.recall_at_k(everything_nan, target, [1])
+
+
+class DivergesAtLastStep(ISIF):
+    """ISIF whose weights become NaN after the optimizer step of `epoch`'s last batch (its loss was finite)."""
+
+    def __init__(self, epoch: int, **kwargs):
+        super().__init__(**kwargs)
+        self.diverge_epoch = epoch
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.current_epoch == self.diverge_epoch and batch_idx == self.trainer.num_training_batches - 1:
+            with torch.no_grad():
+                self.head.linear.weight.fill_(float("nan"))
+
+
+class BytesAtEpochStart(L.Callback):
+    def __init__(self, path: Path):
+        self.path, self.seen = path, {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.seen[trainer.current_epoch] = self.path.read_bytes() if self.path.is_file() else None
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["evaluated", "not-evaluated"])
+def test_weights_that_diverge_in_an_epochs_last_step_stop_the_run_and_keep_the_last_checkpoint(tmp_path, validate):
+    L.seed_everything(0)
+    model = DivergesAtLastStep(1, backbone="small_cnn", in_chans=1, embedding_dim=16)
+    last = tmp_path / "last.ckpt"
+    before = BytesAtEpochStart(last)
+    evaluator = EmbeddingEvaluator(recall_ks=[1], knn_k=5, nmi=False)
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1.0 if validate else 0,
+                        num_sanity_val_steps=0, callbacks=[evaluator, last_checkpoint(str(tmp_path)),
+                                                           FiniteWeightsOnly(), before],
+                        plugins=[AtomicCheckpointIO()], logger=False, enable_progress_bar=False, accelerator="cpu")
+    with pytest.raises(FloatingPointError) as stop:
+        trainer.fit(model, DigitsDataModule(batch_size=32, num_workers=0, eval_batch_size=512))
+    problem = "reference embeddings: 1437 of 1437 rows hold NaN" if validate else "non-finite weights (head."
+    assert problem in str(stop.value) and f"the last good checkpoint is kept: {last}" in str(stop.value)
+    assert before.seen[1] is not None and last.read_bytes() == before.seen[1]  # epoch 0's, byte for byte
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+
+
+def test_a_run_whose_lr_explodes_in_the_epochs_only_step_exits_with_the_divergence(tmp_path):
+    """The issue's run: one step per epoch, the step schedule multiplies the lr by 1e30 from epoch 1. The
+    old code evaluated the exploded network (Recall@1 = 100), saved it as epoch 1 and stopped a step later."""
+    with pytest.raises(FloatingPointError, match="embeddings: 1437 of 1437 rows hold NaN or inf") as stop:
+        train(tmp_path / "run", "--trainer.limit_train_batches=0.1", "--model.schedule.milestones=[1]",
+              "--model.schedule.factors=[1e30]", "--trainer.max_epochs=3")
+    assert "at epoch 1" in str(stop.value)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert not (tmp_path / "run" / "final_metrics.json").exists()

@@ -238,6 +238,8 @@ def main(argv=None) -> None:
         if args.dry_run:
             print(shlex.join(cmd))
         elif read_final(out / row.id) is None:
+            if (out / row.id).exists():  # an attempt that did not finish: run the row again in its folder
+                cmd.append("--run.overwrite=true")
             print(f"== {table.id}: {row.name}\n{shlex.join(cmd)}", flush=True)
             subprocess.run(cmd, check=True)
     if args.dry_run:

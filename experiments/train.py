@@ -18,6 +18,7 @@ import netrc
 import os
 import pickle
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,55 @@ def wandb_logged_in() -> bool:
 
 
 def default_run_dir(model: str, data: str) -> str:
-    return f"runs/{model.lower()}-{data.lower().removesuffix('datamodule')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/<model>-<dataset>-<start time>-<6 random hex digits>: parallel runs (sweep agents) started in
+    the same second get different names."""
+    return (f"runs/{model.lower()}-{data.lower().removesuffix('datamodule')}-{time.strftime('%Y%m%d-%H%M%S')}"
+            f"-{secrets.token_hex(3)}")
+
+
+def claim_new_dir(name: typing.Callable[[], str], attempts: int = 100) -> str:
+    """Create a directory under a fresh `name()` that no other process created first (mkdir is atomic)."""
+    for _ in range(attempts):
+        candidate = name()
+        try:
+            Path(candidate).mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{attempts} default run directory names were taken (last {candidate}); pass --run.dir")
+
+
+RUN_FILES = ("config.yaml", "final_metrics.json", "checkpoints/last.ckpt", "csv/metrics.csv", "wandb", WANDB_ID_FILE)
+
+
+def resumes_in(run_dir: str | Path, ckpt_path: str | None) -> bool:
+    """Whether --ckpt_path continues the run in `run_dir`: a file inside it, or Lightning's "last" / "best" /
+    "hpc", which name this run's own checkpoints."""
+    if not ckpt_path:
+        return False
+    if ckpt_path in ("last", "best", "hpc"):
+        return True
+    if "://" in ckpt_path:
+        return False
+    return Path(ckpt_path).resolve().is_relative_to(Path(run_dir).resolve())
+
+
+def refuse_overwriting(run_dir: str | Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """A FileExistsError when `run_dir` holds a run (any of RUN_FILES) that this command neither resumes
+    nor was told to replace: a new run would overwrite its checkpoint, config, logs and final metrics."""
+    found = [name for name in RUN_FILES if Path(run_dir, name).exists()]
+    if not found or overwrite or resumes_in(run_dir, ckpt_path):
+        return
+    last = Path(run_dir, "checkpoints", "last.ckpt")
+    resume = f"resume it (--ckpt_path={last}), " if last.is_file() else ""
+    raise FileExistsError(f"--run.dir {run_dir} already holds a run ({', '.join(found)}) that this run would "
+                          f"overwrite: {resume}choose another --run.dir (or leave it out: a new default one), or "
+                          "pass --run.overwrite=true to replace it")
+
+
+def externally_launched_processes() -> int:
+    """How many processes torchrun / srun started for this run (1 when Lightning launches the others)."""
+    return max(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")))
 
 
 def ensure_writable(run_dir: str | Path) -> None:
@@ -332,6 +381,26 @@ def resumed_param_groups(saved: list[dict], fresh: list[dict]) -> list[dict]:
     return groups
 
 
+# DataModule settings that decide what the metrics measure: the dataset, the split and the eval images. A
+# resume that changes one would put a `final` beside an `initial` and `best` of another protocol.
+DATA_SETTINGS_OF_THE_METRICS = ("class_path", "protocol", "split_seed", "test_fraction", "train_classes",
+                                "image_size", "resize_size", "eval_transform")
+
+
+def data_settings(data_cfg) -> dict[str, Any]:
+    """The DataModule's settings from its resolved config (class_path + init_args), as plain values: what
+    the checkpoint keeps as its datamodule hyperparameters."""
+    init_args = data_cfg.get("init_args")
+    return {"class_path": data_cfg.class_path,
+            **(init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {}))}
+
+
+def incomparable_data_changes(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
+    """The changes among DATA_SETTINGS_OF_THE_METRICS between a checkpoint's data settings and this run's."""
+    return [(k, old, new) for k, old, new in setting_changes(saved, current)
+            if k.split(".", 1)[0] in DATA_SETTINGS_OF_THE_METRICS]
+
+
 class CommandLineWinsOnResume(Callback):
     """On resume Lightning restores the optimizer's param groups (lr, momentum, weight decay) and the
     scheduler's base lrs from the checkpoint, over what the user passed. This puts the user's back after
@@ -496,6 +565,8 @@ class SuiteCLI(LightningCLI):
         parser.add_lightning_class_args(EmbeddingEvaluator, "evaluation")
         parser.add_argument("--run.dir", type=str | None, default=None,
                             help="run directory (default runs/<method>-<dataset>-<time>)")
+        parser.add_argument("--run.overwrite", type=bool, default=False,
+                            help="start a new run in a --run.dir that holds one, replacing its files")
         parser.add_argument("--run.logger", type=str, default="wandb", help="wandb | csv | none")
         parser.add_argument("--run.project", type=str, default="embedding-suite", help="W&B project")
         parser.add_argument("--run.name", type=str | None, default=None, help="W&B run name")
@@ -531,6 +602,16 @@ class SuiteCLI(LightningCLI):
             if "://" in ckpt_path:
                 Path(local).unlink(missing_ok=True)
             self.parser.error(f"--ckpt_path: {err}")
+        saved = checkpoint.get("datamodule_hyper_parameters")
+        changes = incomparable_data_changes(saved, data_settings(self.config[self.config.subcommand].data)) \
+            if saved else []
+        if changes:
+            if "://" in ckpt_path:
+                Path(local).unlink(missing_ok=True)
+            self.parser.error(
+                f"--ckpt_path {ckpt_path} was trained with other data settings, and its initial and best metrics "
+                "were measured under them:\n" + "\n".join(f"  data.{k}: {old!r} -> {new!r}" for k, old, new in changes)
+                + "\nresume with the checkpoint's values, or start a new run (another --run.dir, no --ckpt_path)")
 
     def _keep_download(self, run_dir: str) -> None:
         """A URL checkpoint, checked in `_parse_ckpt_path`, moves into <run dir>/downloads/ and the run
@@ -562,13 +643,20 @@ class SuiteCLI(LightningCLI):
         if cfg.run.dir:
             os.environ[RUN_DIR_ENV] = cfg.run.dir
         elif RUN_DIR_ENV not in os.environ:
-            os.environ[RUN_DIR_ENV] = default_run_dir(cfg.model.class_path.rsplit(".", 1)[-1],
-                                                      cfg.data.class_path.rsplit(".", 1)[-1])
+            if externally_launched_processes() > 1:  # each process would draw its own default name
+                raise ValueError("several processes started by torchrun / srun need one run directory: pass the "
+                                 "same --run.dir to every process")
+            os.environ[RUN_DIR_ENV] = claim_new_dir(lambda: default_run_dir(
+                cfg.model.class_path.rsplit(".", 1)[-1], cfg.data.class_path.rsplit(".", 1)[-1]))
         return os.environ[RUN_DIR_ENV]
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = self.run_dir
+        if rank_zero_only.rank == 0:  # the other ranks start after rank 0 has begun writing the run
+            refuse_overwriting(run_dir, cfg.get("ckpt_path"), cfg.run.overwrite)
+        if self.datamodule is not None:  # saved in the checkpoint: a resume compares them with its own
+            self.datamodule.save_hyperparameters(data_settings(cfg.data), logger=False, frame=inspect.currentframe())
         ensure_writable(run_dir)
         self._keep_download(run_dir)
         name = cfg.run.name or Path(run_dir).name

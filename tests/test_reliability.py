@@ -177,3 +177,55 @@ def test_a_run_whose_lr_explodes_in_the_epochs_only_step_exits_with_the_divergen
     assert "at epoch 1" in str(stop.value)
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
     assert not (tmp_path / "run" / "final_metrics.json").exists()
+
+
+# -- 3. a run directory that holds a run ------------------------------------------------------------
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_into_a_finished_runs_directory_is_refused_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    train(run, "--trainer.max_epochs=1")
+    before = snapshot(run)
+    assert {"config.yaml", "final_metrics.json", "checkpoints/last.ckpt", "csv/metrics.csv"} <= before.keys()
+    with pytest.raises(FileExistsError, match=r"already holds a run .*--ckpt_path=.*last\.ckpt.*--run\.overwrite=true"):
+        train(run, "--trainer.max_epochs=1", "--model.optim.lr=0.1")
+    assert snapshot(run) == before
+
+
+def test_two_runs_started_in_the_same_second_with_the_same_default_name_get_two_directories(tmp_path, monkeypatch):
+    """The default name's random suffix drawn twice alike: the second run takes the next name, never the folder."""
+    import experiments.train as train_module
+
+    repo = Path(__file__).parents[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_module.time, "strftime", lambda fmt, *a: "20250101-000000")
+    suffixes = iter(["aaaaaa", "aaaaaa", "bbbbbb"])
+    monkeypatch.setattr(train_module.secrets, "token_hex", lambda n: next(suffixes))
+    for _ in range(2):
+        monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+        main(["fit", "--config", f"{repo}/{CONFIGS}/base.yaml", "--config", f"{repo}/{CONFIGS}/datasets/digits.yaml",
+              "--config", f"{repo}/{CONFIGS}/isif/digits.yaml", *FAST, "--trainer.max_epochs=1",
+              "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"])
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["isif-digits-20250101-000000-aaaaaa", "isif-digits-20250101-000000-bbbbbb"]
+    assert all((tmp_path / "runs" / r / "final_metrics.json").is_file() for r in runs)
+
+
+# -- 4. a resume with changed data settings ------------------------------------------------------
+def test_a_resume_that_changes_the_protocol_is_refused_naming_the_change_and_others_are_printed(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(run, "--trainer.max_epochs=1")
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["datamodule_hyper_parameters"]
+    assert saved["class_path"] == "datamodules.digits.DigitsDataModule" and saved["protocol"] == "seen"
+    last = run / "checkpoints" / "last.ckpt"
+    before = snapshot(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train(run, "--trainer.max_epochs=2", "--data.protocol=unseen", f"--ckpt_path={last}")
+    err = capsys.readouterr().err
+    assert "data.protocol: 'seen' -> 'unseen'" in err and "initial and best metrics" in err
+    assert snapshot(run) == before
+    train(run, "--trainer.max_epochs=2", "--data.batch_size=64", f"--ckpt_path={last}")
+    assert "data.batch_size: 128 -> 64" in capsys.readouterr().out  # printed like the model's; this run's wins

@@ -123,6 +123,9 @@ class EmbeddingEvaluator(Scoreboard):
                  nmi: bool | Literal["last"] = True, nmi_average: str = "arithmetic", kmeans_restarts: int = 10,
                  seed: int = 0, backend: str = "auto", knn_extra_ks: Sequence[int] = (), refine_m: int = 0,
                  refine_alpha: float = 10.0, refine_lambda: float = 1.0, refine_max_sweeps: int | None = None):
+        if knn_k < 1 or any(k < 1 for k in knn_extra_ks) or any(k < 1 for k in recall_ks):
+            raise ValueError(f"evaluation knn_k={knn_k}, knn_extra_ks={list(knn_extra_ks)}, recall_ks={list(recall_ks)}: "
+                             "every k counts neighbours, so use k >= 1 (--evaluation.knn_k=200)")
         if nmi_average not in metrics.NMI_AVERAGES:
             raise ValueError(f"nmi_average {nmi_average!r}: use arithmetic or geometric")
         if nmi not in (True, False, "last"):

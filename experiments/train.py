@@ -44,7 +44,15 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.evaluation import EmbeddingEvaluator, Scoreboard
 from datamodules.base import EmbeddingDataModule
-from lightning_modules.base import EmbeddingModule, divergence_message, non_finite_tensors, saved_checkpoint
+from datamodules.files import atomic_write
+from lightning_modules.base import (
+    EmbeddingModule,
+    build_optimizer,
+    divergence_message,
+    non_finite_tensors,
+    parameter_groups,
+    saved_checkpoint,
+)
 
 RUN_DIR_ENV = "SUITE_RUN_DIR"  # shared with the processes a DDP launch starts, so all ranks agree
 WANDB_ID_FILE = "wandb_id"  # in the run directory: a resumed run continues the same W&B run
@@ -127,26 +135,12 @@ def ensure_writable(run_dir: str | Path) -> None:
                           "pass a writable --run.dir") from err
 
 
-def atomic_write(path: str | Path, write: typing.Callable[[typing.BinaryIO], None]) -> None:
-    """`write` into a temporary file in `path`'s folder, fsync, then os.replace: a reader (or a kill at
-    any moment) sees the old file or the new one, never a partial one. Every error propagates."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def free_space(folder: str | Path) -> str:
+    """"N MiB free in <folder>" (or why that is unknown), for a failed write's message."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free in {folder}"
+    except OSError as err:
+        return f"free space in {folder} unknown: {err.strerror or err}"
 
 
 class CheckpointRefused(ValueError):
@@ -226,9 +220,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         try:
             atomic_write(path, lambda f: torch.save(checkpoint, f))
-        except OSError as err:
-            raise OSError(f"could not write checkpoint {path} ({err.strerror or err}); the previous one is "
-                          "untouched. Free space or pass a writable --run.dir") from err
+        except (OSError, RuntimeError) as err:
+            # a full disk reaches torch's zip writer first: "[enforce fail at inline_container.cc] ..."
+            if isinstance(err, RuntimeError) and not re.search(r"inline_container|PytorchStreamWriter", str(err)):
+                raise
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            raise OSError(f"could not write checkpoint {path} ({reason}; {free_space(Path(path).parent)}); the "
+                          "previous one is untouched. Free space or pass a writable --run.dir") from err
         for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):  # left by a save that was killed
             stale.unlink(missing_ok=True)
 
@@ -302,6 +300,26 @@ def default_precision(accelerator: str | None, cuda: bool | None = None, bf16: b
     return "bf16-mixed" if on_gpu and cuda and bf16 else "32-true"
 
 
+LOGGERS = ("wandb", "csv", "none")
+
+
+def check_before_the_run(logger: str, model, datamodule) -> None:
+    """Settings that would fail only once training starts, checked before the run directory is made: the
+    logger, the batch sizes (the DataLoader's rule), and the optimizer settings (built once here, so torch's
+    own checks of lr, momentum, weight decay and betas run now)."""
+    if logger not in LOGGERS:
+        build_logger(logger, "", "", "")  # its error
+    for name in ("batch_size", "eval_batch_size", "labeled_batch_size"):
+        value = getattr(datamodule, name, None)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"--data.{name} {value}: use a positive number of images")
+    if isinstance(model, EmbeddingModule):
+        try:
+            build_optimizer(parameter_groups(model, model.optim), model.optim)
+        except ValueError as err:
+            raise ValueError(f"--model.optim: {err}; set --model.optim.<key> to a valid value") from None
+
+
 def build_logger(kind: str, run_dir: str, project: str, name: str, resume: bool = False,
                  group: str | None = None, tags: list[str] | None = None):
     if kind == "wandb":
@@ -313,7 +331,7 @@ def build_logger(kind: str, run_dir: str, project: str, name: str, resume: bool 
         return (AppendingCSVLogger if resume else CSVLogger)(save_dir=run_dir, name="csv", version="")
     if kind == "none":
         return False
-    raise ValueError(f"run.logger {kind!r}: use wandb, csv or none")
+    raise ValueError(f"--run.logger {kind!r}: use one of {', '.join(LOGGERS)} (make train: LOGGER=...)")
 
 
 # -- dashboards: what every run says about itself -----------------------------------------------
@@ -516,7 +534,13 @@ def misspelt_key_hint(message: str, options: list[str]) -> str | None:
 
 
 class SuiteArgumentParser(LightningArgumentParser):
-    """Errors without the 60-line usage screen, a misspelt key's closest valid keys on the last line."""
+    """Errors without the 60-line usage screen, a misspelt key's closest valid keys on the last line, and no
+    prefix matching: argparse's allow_abbrev took `--trainer.max_epoch=1` for `--trainer.max_epochs=1`
+    without a word (and a misspelling that happens to be a prefix for another key)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         hint = misspelt_key_hint(message, [s for a in self._actions for s in a.option_strings])
@@ -652,6 +676,7 @@ class SuiteCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        check_before_the_run(cfg.run.logger, self.model, self.datamodule)
         run_dir = self.run_dir
         if rank_zero_only.rank == 0:  # the other ranks start after rank 0 has begun writing the run
             refuse_overwriting(run_dir, cfg.get("ckpt_path"), cfg.run.overwrite)

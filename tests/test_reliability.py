@@ -5,18 +5,27 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import os
+import re
+import stat
 import threading
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from callbacks import metrics
+from callbacks.cross_pairs import PairTable, cache_key
 from callbacks.evaluation import EmbeddingEvaluator
+from datamodules.base import load_image
 from datamodules.digits import DigitsDataModule
+from datamodules.folder import ClassFolderWarning, class_folders, scan_class_folders
 from experiments.train import RUN_DIR_ENV, AtomicCheckpointIO, FiniteWeightsOnly, last_checkpoint, main
 from lightning_modules.isif import ISIF
+from tests.fixtures import write_jpeg
 
 CONFIGS = "experiments/configs"
 FAST = ["--run.logger=csv", "--trainer.enable_progress_bar=false", "--data.num_workers=0",
@@ -229,3 +238,101 @@ def test_a_resume_that_changes_the_protocol_is_refused_naming_the_change_and_oth
     assert snapshot(run) == before
     train(run, "--trainer.max_epochs=2", "--data.batch_size=64", f"--ckpt_path={last}")
     assert "data.batch_size: 128 -> 64" in capsys.readouterr().out  # printed like the model's; this run's wins
+
+
+# -- 6. the small ones: each a message naming the fix ---------------------------------------------
+@pytest.mark.parametrize("how", ["dev-full-small", "dev-full-large", "zip-writer"])
+def test_a_full_disk_during_a_save_gives_the_free_space_hint_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                                              how):
+    """A full disk reaches the save as OSError(ENOSPC) or, when torch's zip writer meets it first, as
+    RuntimeError('[enforce fail at inline_container.cc] ...'), which was not caught (no free-space hint)."""
+    from datamodules import files
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"epoch": 0, "w": torch.ones(1000)}, path)
+    before = path.read_bytes()
+
+    def full_disk(fd, mode):
+        os.close(fd)
+        return open("/dev/full", mode)  # every write: ENOSPC
+
+    def zip_writer_fails(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    if how == "zip-writer":
+        monkeypatch.setattr(torch, "save", zip_writer_fails)
+    else:
+        monkeypatch.setattr(files.os, "fdopen", full_disk)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*last\.ckpt .*MiB free in .*Free space"):
+        AtomicCheckpointIO().save_checkpoint({"epoch": 1, "w": torch.zeros(10 if how.endswith("small") else 10**5)},
+                                             path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_saved_checkpoints_take_the_umask_not_0600(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"epoch": 0}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "last.ckpt").stat().st_mode) == 0o666 & ~umask
+
+
+def tiny_table() -> PairTable:
+    n, k, m = 3, 1, 2
+    return PairTable(np.array([[1], [0], [-1]]), np.full((n, k), 25), np.zeros((n, k, 4), np.float32),
+                     np.zeros((n, k, 4), np.float32), np.zeros((n, k, m, 2), np.float32),
+                     np.zeros((n, k, m, 2), np.float32), np.full((n, k), m), np.zeros((n, k, 2, 3), np.float32))
+
+
+def test_the_cross_pairs_cache_is_atomic_keyed_on_content_and_a_truncated_one_is_named(tmp_path):
+    path = tmp_path / "pairs-x.npz"
+    tiny_table().save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs-x.npz"]  # no temporary file left
+    assert PairTable.load(path).partner.tolist() == [[1], [0], [-1]]
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError, match=f"cross-pairs cache {path} is unreadable.*delete it"):
+        PairTable.load(path)
+    image = tmp_path / "a.jpg"
+    write_jpeg(image, 0)
+    key = cache_key([str(image)], np.array([0]), {})
+    write_jpeg(image, 1, size=(20, 18))  # another image under the same name
+    assert cache_key([str(image)], np.array([0]), {}) != key
+
+
+def test_a_self_referencing_symlink_in_a_class_folder_is_skipped_with_a_warning_and_gif_is_read(tmp_path):
+    for name in ("cat", "dog"):
+        for i in range(2):
+            write_jpeg(tmp_path / name / f"{i}.jpg", i)
+    Image.fromarray(np.full((12, 10, 3), 200, np.uint8)).save(tmp_path / "dog" / "2.gif")
+    os.symlink("loop.jpg", tmp_path / "cat" / "loop.jpg")  # ELOOP when followed
+    os.symlink("knot", tmp_path / "knot")  # a class-level loop
+    with pytest.warns(ClassFolderWarning, match="cannot be followed") as caught:
+        records = scan_class_folders(tmp_path, class_folders(tmp_path))
+    classes = sorted({Path(p).parent.name for p in records.items})
+    assert classes == ["cat", "dog"]
+    assert {str(tmp_path / "knot"), str(tmp_path / "cat" / "loop.jpg")} <= {
+        str(w.message).split(" skipped")[0].removeprefix("folder dataset: ") for w in caught}
+    assert [Path(p).name for p in records.items] == ["0.jpg", "1.jpg", "0.jpg", "1.jpg", "2.gif"]
+    assert load_image(records.items[-1]).size == (10, 12)
+
+
+def test_a_misspelt_trainer_key_that_is_a_prefix_of_a_real_one_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train(tmp_path / "run", "--trainer.max_epoch=1")
+    assert "--trainer.max_epoch: did you mean --trainer.max_epochs?" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--data.batch_size=-5", "--data.batch_size -5: use a positive number"),
+    ("--model.optim.lr=-1", "--model.optim: Invalid learning rate: -1"),
+    ("--evaluation.knn_k=0", "use k >= 1"),
+    ("--run.logger=cvs", "--run.logger 'cvs': use one of wandb, csv, none"),
+])
+def test_bad_settings_fail_before_the_run_directory_is_made(tmp_path, flag, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(tmp_path / "run", "--trainer.max_epochs=1", flag)
+    assert not (tmp_path / "run").exists()

@@ -28,6 +28,7 @@ import traceback
 import typing
 import urllib.request
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -627,6 +628,9 @@ class SuiteCLI(LightningCLI):
                 Path(local).unlink(missing_ok=True)
             self.parser.error(f"--ckpt_path: {err}")
         saved = checkpoint.get("datamodule_hyper_parameters")
+        if not saved and rank_zero_only.rank == 0:
+            warnings.warn(f"--ckpt_path {ckpt_path} holds no DataModule settings (saved before they were): a change "
+                          "of dataset, protocol, split or image size on this resume cannot be detected", stacklevel=1)
         changes = incomparable_data_changes(saved, data_settings(self.config[self.config.subcommand].data)) \
             if saved else []
         if changes:

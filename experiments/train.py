@@ -604,8 +604,10 @@ class SuiteCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning's CLI parses a checkpoint's hyperparameters over the command line before building the
         model, so a resume with a lower lr ran with the old one. Here the command line wins; the settings
-        that differ are printed when the checkpoint loads (CommandLineWinsOnResume). A checkpoint file that
-        is not there is refused now, before the run directory is made."""
+        that differ are printed when the checkpoint loads (CommandLineWinsOnResume). Refused now, before the
+        run directory is made: a file that is not there, one that a weights_only load refuses (a URL is
+        downloaded first, without torch.hub's name-keyed cache, and checked the same way), one without
+        Lightning's training state, and a resume that changes DATA_SETTINGS_OF_THE_METRICS."""
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return

@@ -7,7 +7,8 @@ METHOD ?= isif
 DATASET ?= digits
 LOGGER ?= wandb
 VARIANT ?=
-RUN_DIR ?= runs/$(METHOD)-$(DATASET)$(if $(VARIANT),-$(VARIANT))-$(shell date +%Y%m%d-%H%M%S)
+# the start time and 6 random hex digits: parallel runs started in the same second get their own folders
+RUN_DIR ?= runs/$(METHOD)-$(DATASET)$(if $(VARIANT),-$(VARIANT))-$(shell date +%Y%m%d-%H%M%S)-$(shell od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
 CONFIGS := experiments/configs
 ARGS ?=
 

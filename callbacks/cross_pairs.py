@@ -11,6 +11,8 @@ against the true labels is logged for monitoring only (77 % on CUB in the disser
 from __future__ import annotations
 
 import hashlib
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from datamodules.base import load_image
+from datamodules.files import atomic_write
 
 
 def _cv2():
@@ -145,12 +148,18 @@ class PairTable:
     affine: np.ndarray
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, **self.__dict__)
+        """Written atomically (datamodules.files): a kill mid-save leaves no truncated cache behind."""
+        atomic_write(path, lambda f: np.savez_compressed(f, **self.__dict__))
 
     @classmethod
     def load(cls, path: Path) -> PairTable:
-        with np.load(path) as data:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        """The table cached in `path`; an unreadable or incomplete file is a ValueError naming it."""
+        try:
+            with np.load(path) as data:
+                return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"cross-pairs cache {path} is unreadable ({type(err).__name__}: {err}); delete it "
+                             "and the pairs are mined again") from err
 
     def precision(self, targets: np.ndarray) -> float:
         """Share (%) of kept (image, partner) pairs of one true class: monitoring only."""
@@ -195,11 +204,17 @@ def mine_pairs(images, groups: np.ndarray, top_k: int = 2, min_inliers: int = 20
 
 
 def cache_key(images, groups: np.ndarray, settings: dict) -> str:
-    """A hash of the images' bytes (or paths), the clusters and the matching settings."""
+    """A hash of the images (in-memory arrays: their bytes; files: path, size and modification time, so
+    an image replaced under the same name is a new key without reading every file), the clusters and the
+    matching settings."""
     digest = hashlib.sha256(repr(sorted(settings.items())).encode())
     digest.update(np.asarray(groups, np.int64).tobytes())
     for item in images:
-        digest.update(item.tobytes() if isinstance(item, np.ndarray) else str(item).encode())
+        if isinstance(item, np.ndarray):
+            digest.update(repr((item.shape, str(item.dtype))).encode() + item.tobytes())
+        else:
+            stat = os.stat(item)
+            digest.update(f"{item}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()[:16]
 
 

@@ -22,6 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks import metrics
 from callbacks.refine import refined_recall_at_k
+from lightning_modules.base import divergence_message, saved_checkpoint
 
 
 def deduplicate(embedding: torch.Tensor, target: torch.Tensor, index: torch.Tensor):
@@ -40,6 +41,16 @@ def gather_unique(pl_module: L.LightningModule, embedding: torch.Tensor, target:
     if pl_module.trainer is not None and pl_module.trainer.world_size > 1:
         embedding, target, index = (pl_module.all_gather(x).flatten(0, 1) for x in (embedding, target, index))
     return deduplicate(embedding, target, index)
+
+
+def require_finite(trainer, name: str, values: torch.Tensor) -> None:
+    """`metrics.check_finite` as a divergence stop: non-finite embeddings (or logits) end the run with the
+    epoch and the checkpoint to resume from, never with a score."""
+    try:
+        metrics.check_finite(name, values)
+    except FloatingPointError as err:
+        raise FloatingPointError(divergence_message(str(err), trainer.current_epoch, trainer.global_step,
+                                                    saved_checkpoint(trainer))) from None
 
 
 class Scoreboard(L.Callback):
@@ -112,6 +123,9 @@ class EmbeddingEvaluator(Scoreboard):
                  nmi: bool | Literal["last"] = True, nmi_average: str = "arithmetic", kmeans_restarts: int = 10,
                  seed: int = 0, backend: str = "auto", knn_extra_ks: Sequence[int] = (), refine_m: int = 0,
                  refine_alpha: float = 10.0, refine_lambda: float = 1.0, refine_max_sweeps: int | None = None):
+        if knn_k < 1 or any(k < 1 for k in knn_extra_ks) or any(k < 1 for k in recall_ks):
+            raise ValueError(f"evaluation knn_k={knn_k}, knn_extra_ks={list(knn_extra_ks)}, recall_ks={list(recall_ks)}: "
+                             "every k counts neighbours, so use k >= 1 (--evaluation.knn_k=200)")
         if nmi_average not in metrics.NMI_AVERAGES:
             raise ValueError(f"nmi_average {nmi_average!r}: use arithmetic or geometric")
         if nmi not in (True, False, "last"):
@@ -193,6 +207,7 @@ class EmbeddingEvaluator(Scoreboard):
         for i, role in enumerate(roles):
             emb, target, index = self._collect(pl_module, i)
             complete &= len(index) == len(trainer.val_dataloaders[i].dataset)
+            require_finite(trainer, f"the {role} embeddings", emb)
             sets[role] = (emb, target)
         nmi = self.runs_nmi(trainer)
         if self.refine["m"] and self.recall_ks:
@@ -264,6 +279,7 @@ class ClassificationEvaluator(Scoreboard):
         for key in (k for k in self._buffers[0] if k.startswith("logits")):
             logits = torch.cat([b[key] for b in self._buffers])
             logits, truth, unique = gather_unique(pl_module, logits, target, index)
+            require_finite(pl_module.trainer, f"the {key}", logits)
             out["val/error" + key.removeprefix("logits")] = error_rate(logits, truth)
             count = len(unique)
         return out, count

@@ -17,11 +17,22 @@ from torch import Tensor
 from callbacks.search import Backend, block_rows, kmeans, tile_shape, topk_search
 
 
+def check_finite(name: str, emb: Tensor) -> None:
+    """FloatingPointError when `emb` (N, ...) holds NaN or inf. No metric is defined there, and the ones here
+    would still return numbers: a NaN similarity never ranks above the positive, so all-NaN embeddings
+    score Recall@K = 100 at every K."""
+    bad_rows = int((~torch.isfinite(emb)).reshape(emb.shape[0], -1).any(dim=1).sum()) if emb.ndim else 0
+    if bad_rows:
+        raise FloatingPointError(f"{name}: {bad_rows} of {emb.shape[0]} rows hold NaN or inf, and no metric is "
+                                 "defined on them (the network's weights or inputs are non-finite)")
+
+
 def _check_pair(name: str, emb: Tensor, targets: Tensor) -> None:
     if emb.ndim != 2 or targets.ndim != 1 or emb.shape[0] != targets.shape[0]:
         raise ValueError(
             f"{name}: need embeddings (N, D) and targets (N,), got {tuple(emb.shape)} and {tuple(targets.shape)}"
         )
+    check_finite(name, emb)
 
 
 def _check_dims(a: Tensor, b: Tensor) -> None:

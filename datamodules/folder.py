@@ -22,7 +22,7 @@ from sklearn.model_selection import train_test_split
 
 from datamodules.base import EmbeddingDataModule, Records
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 LAYOUT = "<class>/<image> (one sub-folder per class)"
 MOVE_OUT = "add images to them, or move them out of --data.root"
 
@@ -31,17 +31,28 @@ class ClassFolderWarning(UserWarning):
     """A class folder the protocol cannot use as it is: empty (skipped), or one image (never a positive)."""
 
 
+def _is(entry: os.DirEntry, kind: str) -> bool:
+    """entry.is_dir() / is_file() (following links); an entry that cannot be followed (a symlink loop
+    (ELOOP), a dangling or unreadable link) is False, with a ClassFolderWarning naming it."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as err:
+        rank_zero_warn(f"folder dataset: {entry.path} skipped: it cannot be followed ({err.strerror or err}); "
+                       "fix or remove the link", category=ClassFolderWarning)
+        return False
+
+
 def class_folders(folder: Path) -> list[str]:
     """Names of the non-hidden sub-folders of `folder`, sorted."""
     return sorted(entry.name for entry in os.scandir(folder)
-                  if entry.is_dir() and not entry.name.startswith("."))
+                  if not entry.name.startswith(".") and _is(entry, "dir"))
 
 
 def image_files(folder: Path) -> list[str]:
     """Sorted names of the image files in `folder` (not hidden, with an image extension)."""
     return sorted(entry.name for entry in os.scandir(folder)
-                  if entry.is_file() and not entry.name.startswith(".")
-                  and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+                  if not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                  and _is(entry, "file"))
 
 
 def scan_class_folders(folder: Path, classes: Sequence[str]) -> Records:

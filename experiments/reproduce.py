@@ -402,6 +402,8 @@ def main(argv=None) -> None:
             elif done:
                 print(f"== {table.id}: {row.name}{'' if seed is None else f' seed {seed}'}: kept ({directory})")
             else:
+                if directory.exists():  # an attempt that did not finish: run the row again in its folder
+                    cmd.append("--run.overwrite=true")
                 print(f"== {table.id}: {row.name}{'' if seed is None else f' seed {seed}'}\n{shlex.join(cmd)}",
                       flush=True)
                 subprocess.run(cmd, check=True)

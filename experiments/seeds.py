@@ -82,7 +82,7 @@ def run_once(method: str, seed: int, budget: str, out: Path, extra: list[str]) -
     run_dir = out / f"{method}-{budget}-seed{seed}"
     overrides = TEST_BUDGET[method] if budget == "test" else []
     cmd = [sys.executable, "-m", "experiments.train", "fit", *config_args(*CONFIG_OF.get(method, (method,))),
-           "--run.dir", str(run_dir),
+           "--run.dir", str(run_dir), "--run.overwrite=true",  # a study's folders: a rerun replaces them
            "--run.logger=csv", "--trainer.enable_progress_bar=false", f"--seed_everything={seed}",
            *(flag.format(seed=seed) for flag in SEED_FLAGS.get(method, [])), *overrides, *extra]
     started = time.time()

@@ -11,22 +11,28 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import hashlib
 import inspect
 import json
 import netrc
 import os
+import pickle
 import re
+import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import typing
+import urllib.request
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -39,7 +45,15 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.evaluation import EmbeddingEvaluator, Scoreboard
 from datamodules.base import EmbeddingDataModule
-from lightning_modules.base import EmbeddingModule
+from datamodules.files import atomic_write
+from lightning_modules.base import (
+    EmbeddingModule,
+    build_optimizer,
+    divergence_message,
+    non_finite_tensors,
+    parameter_groups,
+    saved_checkpoint,
+)
 
 RUN_DIR_ENV = "SUITE_RUN_DIR"  # shared with the processes a DDP launch starts, so all ranks agree
 WANDB_ID_FILE = "wandb_id"  # in the run directory: a resumed run continues the same W&B run
@@ -58,7 +72,55 @@ def wandb_logged_in() -> bool:
 
 
 def default_run_dir(model: str, data: str) -> str:
-    return f"runs/{model.lower()}-{data.lower().removesuffix('datamodule')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/<model>-<dataset>-<start time>-<6 random hex digits>: parallel runs (sweep agents) started in
+    the same second get different names."""
+    return (f"runs/{model.lower()}-{data.lower().removesuffix('datamodule')}-{time.strftime('%Y%m%d-%H%M%S')}"
+            f"-{secrets.token_hex(3)}")
+
+
+def claim_new_dir(name: typing.Callable[[], str], attempts: int = 100) -> str:
+    """Create a directory under a fresh `name()` that no other process created first (mkdir is atomic)."""
+    for _ in range(attempts):
+        candidate = name()
+        try:
+            Path(candidate).mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{attempts} default run directory names were taken (last {candidate}); pass --run.dir")
+
+
+RUN_FILES = ("config.yaml", "final_metrics.json", "checkpoints/last.ckpt", "csv/metrics.csv", "wandb", WANDB_ID_FILE)
+
+
+def resumes_in(run_dir: str | Path, ckpt_path: str | None) -> bool:
+    """Whether --ckpt_path continues the run in `run_dir`: a file inside it, or Lightning's "last" / "best" /
+    "hpc", which name this run's own checkpoints."""
+    if not ckpt_path:
+        return False
+    if ckpt_path in ("last", "best", "hpc"):
+        return True
+    if "://" in ckpt_path:
+        return False
+    return Path(ckpt_path).resolve().is_relative_to(Path(run_dir).resolve())
+
+
+def refuse_overwriting(run_dir: str | Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """A FileExistsError when `run_dir` holds a run (any of RUN_FILES) that this command neither resumes
+    nor was told to replace: a new run would overwrite its checkpoint, config, logs and final metrics."""
+    found = [name for name in RUN_FILES if Path(run_dir, name).exists()]
+    if not found or overwrite or resumes_in(run_dir, ckpt_path):
+        return
+    last = Path(run_dir, "checkpoints", "last.ckpt")
+    resume = f"resume it (--ckpt_path={last}), " if last.is_file() else ""
+    raise FileExistsError(f"--run.dir {run_dir} already holds a run ({', '.join(found)}) that this run would "
+                          f"overwrite: {resume}choose another --run.dir (or leave it out: a new default one), or "
+                          "pass --run.overwrite=true to replace it")
+
+
+def externally_launched_processes() -> int:
+    """How many processes torchrun / srun started for this run (1 when Lightning launches the others)."""
+    return max(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")))
 
 
 def ensure_writable(run_dir: str | Path) -> None:
@@ -74,41 +136,98 @@ def ensure_writable(run_dir: str | Path) -> None:
                           "pass a writable --run.dir") from err
 
 
-def atomic_write(path: str | Path, write: typing.Callable[[typing.BinaryIO], None]) -> None:
-    """`write` into a temporary file in `path`'s folder, fsync, then os.replace: a reader (or a kill at
-    any moment) sees the old file or the new one, never a partial one. Every error propagates."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def free_space(folder: str | Path) -> str:
+    """"N MiB free in <folder>" (or why that is unknown), for a failed write's message."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free in {folder}"
+    except OSError as err:
+        return f"free space in {folder} unknown: {err.strerror or err}"
+
+
+class CheckpointRefused(ValueError):
+    """A checkpoint file that is not loaded: it needs code to rebuild, or it is not a checkpoint at all."""
+
+
+def read_checkpoint(path: str | Path, source: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint in the local file `path`, loaded with torch.load(weights_only=True): tensors, numbers,
+    strings, containers and the allow-listed hparam dataclasses only, so a planted file cannot run code.
+    Anything else is a CheckpointRefused that names `source` (the path or URL the user gave); torch's own
+    text, which neither names the file nor should be followed here, is not chained."""
+    source = source or str(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CheckpointRefused(f"checkpoint {source} is not a readable checkpoint ({err}); pass a file "
+                                    "this suite saved (<run dir>/checkpoints/last.ckpt)") from None
+        needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"the callable {needed.group(1)}" if needed else "objects other than tensors and plain values"
+        raise CheckpointRefused(f"checkpoint {source} refused, nothing in it was run: loading it needs {what}, "
+                                "and a checkpoint may hold only tensors and plain values. Resume from a "
+                                "checkpoint this suite saved (<run dir>/checkpoints/last.ckpt)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, AttributeError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointRefused(f"checkpoint {source} is not a readable checkpoint ({reason}): truncated, or "
+                                "not written by torch.save; pass a file this suite saved "
+                                "(<run dir>/checkpoints/last.ckpt)") from None
+
+
+def url_file_name(url: str) -> str:
+    """The last part of a URL's path ("checkpoint.ckpt" when it has none)."""
+    return Path(unquote(urlparse(url).path)).name or "checkpoint.ckpt"
+
+
+def download(url: str, folder: str | Path, timeout: float = 60.0) -> tuple[Path, str]:
+    """(`url` copied into a new file in `folder`, its sha256). http(s) and file URLs through urllib (no
+    cache: torch.hub's download cache is keyed by the file name, so a later URL ending in the same name
+    would load the earlier file); other schemes (s3://, gs://, ...) through fsspec, whose filesystem
+    package must be installed."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=f"-{url_file_name(url)}")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if urlparse(url).scheme in ("http", "https", "file"):
+                source = urllib.request.urlopen(url, timeout=timeout)
+            else:
+                import fsspec
+                source = fsspec.open(url, "rb").open()
+            with source:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    return Path(tmp), digest.hexdigest()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's TorchCheckpointIO with a same-folder atomic save. Lightning's own atomic save stages
     through fsspec's temp directory (another filesystem: the final move is a copy a kill can cut short)
-    and swallows PermissionError, so a run could end green without its checkpoint."""
+    and swallows PermissionError, so a run could end green without its checkpoint.
+    Loads go through `read_checkpoint` (weights_only=True, whatever the caller asks): Lightning's loader
+    would read a URL with weights_only=False; the CLI downloads a URL first (`SuiteCLI._parse_ckpt_path`)."""
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if "://" in str(path):
+            raise CheckpointRefused(f"checkpoint {path}: a URL is not loaded directly; download it and pass the "
+                                    "file (the command line does this for --ckpt_path)")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint {path}: no such file")
+        return read_checkpoint(path, map_location=map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         try:
             atomic_write(path, lambda f: torch.save(checkpoint, f))
-        except OSError as err:
-            raise OSError(f"could not write checkpoint {path} ({err.strerror or err}); the previous one is "
-                          "untouched. Free space or pass a writable --run.dir") from err
+        except (OSError, RuntimeError) as err:
+            # a full disk reaches torch's zip writer first: "[enforce fail at inline_container.cc] ..."
+            if isinstance(err, RuntimeError) and not re.search(r"inline_container|PytorchStreamWriter", str(err)):
+                raise
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            raise OSError(f"could not write checkpoint {path} ({reason}; {free_space(Path(path).parent)}); the "
+                          "previous one is untouched. Free space or pass a writable --run.dir") from err
         for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):  # left by a save that was killed
             stale.unlink(missing_ok=True)
 
@@ -117,6 +236,22 @@ def last_checkpoint(dirpath: str) -> ModelCheckpoint:
     """`last.ckpt`, overwritten at the end of every epoch (no monitor: never selected on the test split)."""
     return ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
+
+
+class FiniteWeightsOnly(Callback):
+    """Refuses to save a checkpoint whose weights hold NaN or inf (weights that blew up in an epoch's last
+    step pass the loss check, which runs before backward): the run stops with the divergence message and
+    the previous checkpoint stays as it was. A callback, so every save of every method is checked, on every
+    rank at once (DDP ranks hold the same weights). One pass over the state dict per save."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise FloatingPointError(divergence_message(f"non-finite weights ({shown}; not saved)",
+                                                        checkpoint.get("epoch", trainer.current_epoch),
+                                                        checkpoint.get("global_step", trainer.global_step),
+                                                        saved_checkpoint(trainer)))
 
 
 # -- loggers -------------------------------------------------------------------------------------
@@ -166,6 +301,26 @@ def default_precision(accelerator: str | None, cuda: bool | None = None, bf16: b
     return "bf16-mixed" if on_gpu and cuda and bf16 else "32-true"
 
 
+LOGGERS = ("wandb", "csv", "none")
+
+
+def check_before_the_run(logger: str, model, datamodule) -> None:
+    """Settings that would fail only once training starts, checked before the run directory is made: the
+    logger, the batch sizes (the DataLoader's rule), and the optimizer settings (built once here, so torch's
+    own checks of lr, momentum, weight decay and betas run now)."""
+    if logger not in LOGGERS:
+        build_logger(logger, "", "", "")  # its error
+    for name in ("batch_size", "eval_batch_size", "labeled_batch_size"):
+        value = getattr(datamodule, name, None)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"--data.{name} {value}: use a positive number of images")
+    if isinstance(model, EmbeddingModule):
+        try:
+            build_optimizer(parameter_groups(model, model.optim), model.optim)
+        except ValueError as err:
+            raise ValueError(f"--model.optim: {err}; set --model.optim.<key> to a valid value") from None
+
+
 def build_logger(kind: str, run_dir: str, project: str, name: str, resume: bool = False,
                  group: str | None = None, tags: list[str] | None = None):
     if kind == "wandb":
@@ -177,7 +332,7 @@ def build_logger(kind: str, run_dir: str, project: str, name: str, resume: bool 
         return (AppendingCSVLogger if resume else CSVLogger)(save_dir=run_dir, name="csv", version="")
     if kind == "none":
         return False
-    raise ValueError(f"run.logger {kind!r}: use wandb, csv or none")
+    raise ValueError(f"--run.logger {kind!r}: use one of {', '.join(LOGGERS)} (make train: LOGGER=...)")
 
 
 # -- dashboards: what every run says about itself -----------------------------------------------
@@ -243,6 +398,26 @@ def resumed_param_groups(saved: list[dict], fresh: list[dict]) -> list[dict]:
             group["lr"] = old["lr"] if same else new["initial_lr"] * factor
         groups.append(group)
     return groups
+
+
+# DataModule settings that decide what the metrics measure: the dataset, the split and the eval images. A
+# resume that changes one would put a `final` beside an `initial` and `best` of another protocol.
+DATA_SETTINGS_OF_THE_METRICS = ("class_path", "protocol", "split_seed", "test_fraction", "train_classes",
+                                "image_size", "resize_size", "eval_transform")
+
+
+def data_settings(data_cfg) -> dict[str, Any]:
+    """The DataModule's settings from its resolved config (class_path + init_args), as plain values: what
+    the checkpoint keeps as its datamodule hyperparameters."""
+    init_args = data_cfg.get("init_args")
+    return {"class_path": data_cfg.class_path,
+            **(init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {}))}
+
+
+def incomparable_data_changes(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
+    """The changes among DATA_SETTINGS_OF_THE_METRICS between a checkpoint's data settings and this run's."""
+    return [(k, old, new) for k, old, new in setting_changes(saved, current)
+            if k.split(".", 1)[0] in DATA_SETTINGS_OF_THE_METRICS]
 
 
 class CommandLineWinsOnResume(Callback):
@@ -360,7 +535,13 @@ def misspelt_key_hint(message: str, options: list[str]) -> str | None:
 
 
 class SuiteArgumentParser(LightningArgumentParser):
-    """Errors without the 60-line usage screen, a misspelt key's closest valid keys on the last line."""
+    """Errors without the 60-line usage screen, a misspelt key's closest valid keys on the last line, and no
+    prefix matching: argparse's allow_abbrev took `--trainer.max_epoch=1` for `--trainer.max_epochs=1`
+    without a word (and a misspelling that happens to be a prefix for another key)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         hint = misspelt_key_hint(message, [s for a in self._actions for s in a.option_strings])
@@ -409,6 +590,8 @@ class SuiteCLI(LightningCLI):
         parser.add_lightning_class_args(EmbeddingEvaluator, "evaluation")
         parser.add_argument("--run.dir", type=str | None, default=None,
                             help="run directory (default runs/<method>-<dataset>-<time>)")
+        parser.add_argument("--run.overwrite", type=bool, default=False,
+                            help="start a new run in a --run.dir that holds one, replacing its files")
         parser.add_argument("--run.logger", type=str, default="wandb", help="wandb | csv | none")
         parser.add_argument("--run.project", type=str, default="embedding-suite", help="W&B project")
         parser.add_argument("--run.name", type=str | None, default=None, help="W&B run name")
@@ -421,12 +604,59 @@ class SuiteCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning's CLI parses a checkpoint's hyperparameters over the command line before building the
         model, so a resume with a lower lr ran with the old one. Here the command line wins; the settings
-        that differ are printed when the checkpoint loads (CommandLineWinsOnResume). A checkpoint file that
-        is not there is refused now, before the run directory is made."""
+        that differ are printed when the checkpoint loads (CommandLineWinsOnResume). Refused now, before the
+        run directory is made: a file that is not there, one that a weights_only load refuses (a URL is
+        downloaded first, without torch.hub's name-keyed cache, and checked the same way), one without
+        Lightning's training state, and a resume that changes DATA_SETTINGS_OF_THE_METRICS."""
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        special = ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path)
-        if ckpt_path and not special and not Path(ckpt_path).is_file():
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        local = ckpt_path
+        if "://" in ckpt_path:
+            try:
+                local, sha256 = download(ckpt_path, tempfile.gettempdir())
+            except (OSError, ValueError, ImportError) as err:
+                self.parser.error(f"--ckpt_path {ckpt_path}: could not download it ({err})")
+            self._downloaded = {"url": ckpt_path, "file": local, "sha256": sha256}
+        elif not Path(ckpt_path).is_file():
             self.parser.error(f"--ckpt_path {ckpt_path}: no such file (a run's is <run dir>/checkpoints/last.ckpt)")
+        try:
+            checkpoint = read_checkpoint(local, source=ckpt_path)
+            if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
+                raise CheckpointRefused(f"checkpoint {ckpt_path} holds no Lightning training state (state_dict, "
+                                        "pytorch-lightning_version); resume from <run dir>/checkpoints/last.ckpt")
+        except CheckpointRefused as err:
+            if "://" in ckpt_path:
+                Path(local).unlink(missing_ok=True)
+            self.parser.error(f"--ckpt_path: {err}")
+        saved = checkpoint.get("datamodule_hyper_parameters")
+        if not saved and rank_zero_only.rank == 0:
+            warnings.warn(f"--ckpt_path {ckpt_path} holds no DataModule settings (saved before they were): a change "
+                          "of dataset, protocol, split or image size on this resume cannot be detected", stacklevel=1)
+        changes = incomparable_data_changes(saved, data_settings(self.config[self.config.subcommand].data)) \
+            if saved else []
+        if changes:
+            if "://" in ckpt_path:
+                Path(local).unlink(missing_ok=True)
+            self.parser.error(
+                f"--ckpt_path {ckpt_path} was trained with other data settings, and its initial and best metrics "
+                "were measured under them:\n" + "\n".join(f"  data.{k}: {old!r} -> {new!r}" for k, old, new in changes)
+                + "\nresume with the checkpoint's values, or start a new run (another --run.dir, no --ckpt_path)")
+
+    def _keep_download(self, run_dir: str) -> None:
+        """A URL checkpoint, checked in `_parse_ckpt_path`, moves into <run dir>/downloads/ and the run
+        resumes from that file (atomically: DDP ranks each place the same bytes)."""
+        fetched = getattr(self, "_downloaded", None)
+        if not fetched or "file" not in fetched:
+            return
+        dest = Path(run_dir, "downloads", url_file_name(fetched["url"]))
+        with open(fetched["file"], "rb") as source:
+            atomic_write(dest, lambda f: shutil.copyfileobj(source, f))
+        Path(fetched.pop("file")).unlink(missing_ok=True)
+        fetched["path"] = str(dest)
+        self.config_init[self.subcommand]["ckpt_path"] = str(dest)
+        if rank_zero_only.rank == 0:
+            print(f"--ckpt_path {fetched['url']}: downloaded to {dest} (sha256 {fetched['sha256']}), resuming from it")
 
     def instantiate_classes(self) -> None:
         try:
@@ -443,18 +673,27 @@ class SuiteCLI(LightningCLI):
         if cfg.run.dir:
             os.environ[RUN_DIR_ENV] = cfg.run.dir
         elif RUN_DIR_ENV not in os.environ:
-            os.environ[RUN_DIR_ENV] = default_run_dir(cfg.model.class_path.rsplit(".", 1)[-1],
-                                                      cfg.data.class_path.rsplit(".", 1)[-1])
+            if externally_launched_processes() > 1:  # each process would draw its own default name
+                raise ValueError("several processes started by torchrun / srun need one run directory: pass the "
+                                 "same --run.dir to every process")
+            os.environ[RUN_DIR_ENV] = claim_new_dir(lambda: default_run_dir(
+                cfg.model.class_path.rsplit(".", 1)[-1], cfg.data.class_path.rsplit(".", 1)[-1]))
         return os.environ[RUN_DIR_ENV]
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        check_before_the_run(cfg.run.logger, self.model, self.datamodule)
         run_dir = self.run_dir
+        if rank_zero_only.rank == 0:  # the other ranks start after rank 0 has begun writing the run
+            refuse_overwriting(run_dir, cfg.get("ckpt_path"), cfg.run.overwrite)
+        if self.datamodule is not None:  # saved in the checkpoint: a resume compares them with its own
+            self.datamodule.save_hyperparameters(data_settings(cfg.data), logger=False, frame=inspect.currentframe())
         ensure_writable(run_dir)
+        self._keep_download(run_dir)
         name = cfg.run.name or Path(run_dir).name
         trainer_cfg = self._get(self.config_init, "trainer")
         callbacks = [*(trainer_cfg.get("callbacks") or []), last_checkpoint(f"{run_dir}/checkpoints"),
-                     CommandLineWinsOnResume()]
+                     FiniteWeightsOnly(), CommandLineWinsOnResume()]
         plugins = trainer_cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -472,6 +711,10 @@ class SuiteCLI(LightningCLI):
     def before_fit(self) -> None:
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        fetched = getattr(self, "_downloaded", None)
+        if fetched:  # the URL stays ckpt_path (what was asked); the file it resumed from and its hash are named
+            config = (f"# ckpt_path {fetched['url']} was downloaded to {fetched['path']} "
+                      f"(sha256 {fetched['sha256']}); the run resumed from that file\n{config}")
         Path(self.run_dir, "config.yaml").write_text(config)
         for logger in self.trainer.loggers:  # the flattened resolved config and the commit, filterable in W&B
             if isinstance(logger, WandbLogger):

@@ -97,15 +97,32 @@ def build_optimizer(groups: list[dict], optim: Optim) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {optim.name!r}; use sgd, adam or adamw")
 
 
-def divergence_message(loss: float, epoch: int, step: int, checkpoint: str | None) -> str:
-    """The non-finite-loss stop; it offers a resume only from a checkpoint that exists."""
-    where = f"non-finite loss ({loss}) at epoch {epoch}, step {step}: the run stops here"
+def divergence_message(problem: str, epoch: int, step: int, checkpoint: str | None) -> str:
+    """The divergence stop (`problem`: "non-finite loss (nan)", "non-finite weights in ...", ...); it offers a
+    resume only from a checkpoint that exists."""
+    where = f"{problem} at epoch {epoch}, step {step}: the run stops here"
     if checkpoint is None:
         return (f"{where}. No checkpoint was written before it (a run saves at the end of each epoch): lower "
                 "the learning rate (--model.optim.lr) or check the inputs, and start again.")
     return (f"{where} and the last good checkpoint is kept: {checkpoint}. Lower the learning rate and resume "
             f"from it (--ckpt_path={checkpoint} --model.optim.lr=...; on resume the command line's settings "
             "win), or check the inputs.")
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in a state dict that hold NaN or inf (one device sync)."""
+    names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(state[k]).all() for k in names]).tolist()
+    return [k for k, ok in zip(names, finite) if not ok]
+
+
+def saved_checkpoint(trainer) -> str | None:
+    """The newest checkpoint on disk a run can resume from (its own, else the one it resumed from)."""
+    paths = [cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks]
+    paths.append(trainer.ckpt_path)
+    return next((str(p) for p in paths if p and os.path.isfile(p)), None)
 
 
 def channels_last_inputs(module: nn.Module, args: tuple) -> tuple:
@@ -226,14 +243,8 @@ class EmbeddingModule(L.LightningModule):
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         if finite.item() < 1:
-            raise FloatingPointError(divergence_message(loss.item(), self.current_epoch, self.global_step,
-                                                        self._saved_checkpoint()))
-
-    def _saved_checkpoint(self) -> str | None:
-        """The newest checkpoint on disk this run can resume from (its own, else the one it resumed from)."""
-        paths = [cb.last_model_path or cb.best_model_path for cb in self.trainer.checkpoint_callbacks]
-        paths.append(self.trainer.ckpt_path)
-        return next((str(p) for p in paths if p and os.path.isfile(p)), None)
+            raise FloatingPointError(divergence_message(f"non-finite loss ({loss.item()})", self.current_epoch,
+                                                        self.global_step, saved_checkpoint(self.trainer)))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         for target, source in self.ema_pairs:

@@ -268,11 +268,13 @@ class OfflineCrossPairs(L.Callback):
     """Mines the pair table once, at fit start, on the epoch-0 pseudo labels (list it after
     KMeansPseudoLabels), caches it in `cache_dir`, and has the training set deliver cross items (their two
     keypoint crops, `CrossPairCrops`) with probability `probability`; the module uses them in place of its
-    in-batch matching. Logs cross_pairs/precision (vs the hidden true labels, monitoring only), pairs and
-    coverage."""
+    in-batch matching. `probability` None (the default) reads the module's `offline_pair_probability`
+    (TACCCL: cross.probability with cross.matching offline and a second branch on; 0 in the Baseline and
+    +CCL rows, whose anchors then stay plain images and nothing is mined). Logs cross_pairs/precision (vs the
+    hidden true labels, monitoring only), pairs and coverage."""
 
-    def __init__(self, probability: float = 0.5, cache_dir: str = ".cache/cross_pairs", top_k: int = 2,
-                 min_inliers: int = 20,
+    def __init__(self, probability: float | None = None, cache_dir: str = ".cache/cross_pairs",
+                 top_k: int = 2, min_inliers: int = 20,
                  ratio: float = 0.75, reprojection: float = 5.0, longer_side: int = 256, asift: bool = False,
                  margin: float = 0.15, min_side: float = 64.0, max_keypoints: int = 20):
         self.probability, self.cache_dir = probability, Path(cache_dir)
@@ -288,6 +290,17 @@ class OfflineCrossPairs(L.Callback):
         if groups is None:
             raise RuntimeError("OfflineCrossPairs matches within the epoch-0 k-means clusters: list it after "
                                "callbacks.pseudo_labels.KMeansPseudoLabels in trainer.callbacks")
+        probability = self.probability
+        if probability is None:
+            probability = getattr(pl_module, "offline_pair_probability", None)
+            if probability is None:
+                raise ValueError("OfflineCrossPairs(probability=None) reads the module's "
+                                 f"offline_pair_probability, which {type(pl_module).__name__} lacks: pass "
+                                 "a probability")
+        if probability == 0:
+            self.stats = {"pairs": 0.0, "coverage": 0.0}
+            rank_zero_info("offline cross pairs: not used by this run (no cross pairs), nothing mined")
+            return
         records = datamodule.splits["train"]
         path = self.cache_dir / f"pairs-{cache_key(records.items, groups, self.settings)}.npz"
         if path.is_file():
@@ -301,7 +314,7 @@ class OfflineCrossPairs(L.Callback):
         self.stats = {"pairs": float(kept.sum()), "coverage": 100.0 * float(kept.any(1).mean()),
                       "precision": self.table.precision(np.asarray(records.targets))}
         rank_zero_info("offline cross pairs: " + ", ".join(f"{k} {v:.4g}" for k, v in self.stats.items()))
-        datamodule.set_train_extras(CrossPairCrops(records, self.table, self.probability, datamodule.image_size,
+        datamodule.set_train_extras(CrossPairCrops(records, self.table, probability, datamodule.image_size,
                                                    datamodule.mean, datamodule.std))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

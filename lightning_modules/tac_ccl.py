@@ -12,13 +12,19 @@ Table 4.4 rows from config: Baseline = ccl_weight 0, tac_weight 0, feature_weigh
 +TAC (the full method) = all weights 1. Self-TAC only: cross.probability 0; Eq. 4.6 as printed:
 cross.mode literal; no memory bank: memory_weight 0.
 
-Cross-image pairs (§4.3.4), in-batch option: keypoints are the attention-grid cells, described by the
-trunk's feature map; two images of one pseudo class in the batch are matched by mutual nearest
-neighbours and a RANSAC affine (confidence = inliers); the second branch then sees the partner's crop
-around its inliers, and the anchor's map, masked around the matched keypoints, is warped into it. The
-dissertation's offline SIFT + RANSAC matching is `callbacks.cross_pairs` (mined once, cached on disk).
-Both views go through one forward (BatchNorm, where it trains, sees them as one batch); the loss terms run
-in fp32, and L_TAC averages self and cross pairs over the batch together.
+Cross-image pairs (§4.3.4), `cross.matching`:
+- `offline` (the dissertation's, the paper configs'): SIFT + RANSAC matching within the epoch-0 clusters,
+  mined once before training by `callbacks.cross_pairs.OfflineCrossPairs`, whose cross items arrive with
+  the batch (both keypoint crops, the matched keypoints and the crop-to-crop affine).
+- `in_batch` (an option for images SIFT cannot match, e.g. 8x8 digits): keypoints are the attention-grid
+  cells, described by the trunk's feature map; two images of one pseudo class in the batch are matched by
+  mutual nearest neighbours and a RANSAC affine (confidence = inliers); the second branch then sees the
+  partner's crop around its inliers.
+Either way the anchor's map, masked around the matched keypoints, is warped into the partner's frame.
+Both views go through one forward (BatchNorm, where it trains, sees them as one batch, and updates its
+statistics once a step); the loss terms and the keypoint masks run in fp32, and L_TAC averages self and
+cross pairs over the batch together. Each term's share of the gradient at the trunk's feature map is
+logged (train/grad_share_*). Decisions and evidence: docs/methods/tac_ccl.md.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.base import EmbeddingModule, hparam
+from lightning_modules.lmcs import untracked_batchnorm
 from lightning_modules.losses import fp32
 from lightning_modules.memory import IndexedMemory
 
@@ -62,15 +69,16 @@ def contrastive_clustering_loss(embedding: Tensor, centers: Tensor, assigned: Te
     return (own / other).mean()
 
 
-FEATURE_LOSSES = ("squared", "norm")
+FEATURE_LOSSES = ("norm", "squared")
 
 
 @fp32
-def feature_similarity_loss(anchor: Tensor, second: Tensor, form: str = "squared") -> Tensor:
-    """L_F over pairs of unit embeddings: mean ‖F − F'‖² (`squared`) or mean ‖F − F'‖ (`norm`, §4.3.1 as
-    printed). The plain norm's gradient has unit length however close the pair already is, so in the
-    narrow cone of a random init it outweighs the metric terms (whose gradients shrink with the angles)
-    and pulls the whole cloud together; the squared form's gradient, 2(F − F'), shrinks with the pair."""
+def feature_similarity_loss(anchor: Tensor, second: Tensor, form: str = "norm") -> Tensor:
+    """L_F over pairs of unit embeddings: mean ‖F − F'‖ (`norm`, the dissertation's L_F) or mean ‖F − F'‖²
+    (`squared`, an option for from-scratch trunks). The plain norm's gradient has unit length however close
+    the pair already is, so in the narrow cone of a random init it outweighs the metric terms (whose
+    gradients shrink with the angles) and pulls the whole cloud together; the squared form's gradient,
+    2(F − F'), shrinks with the pair (docs/methods/tac_ccl.md)."""
     difference = anchor - second
     if form == "squared":
         return difference.square().sum(1).mean()
@@ -92,6 +100,20 @@ def attention_consistency(anchor_map: Tensor, second_map: Tensor, homography: Te
     target = torch.where(aligned[:, None, None, None], warped, source)
     valid = torch.where(aligned[:, None, None, None], valid, torch.ones_like(valid))
     return (valid * (target - second_map * second_mask).square()).sum((1, 2, 3))
+
+
+def gradient_shares(terms: dict[str, Tensor], at: Tensor) -> dict[str, Tensor]:
+    """Each term's share of the summed gradient norms at `at` (a tensor every term depends on):
+    ‖∂t_i/∂at‖ / Σ_j ‖∂t_j/∂at‖, the graph kept for the training backward. A term that does not reach
+    `at` gets 0. Shows whether a term is alive or swamped (docs/methods/tac_ccl.md)."""
+    norms = {}
+    for name, term in terms.items():
+        grad = None
+        if term.requires_grad:
+            grad = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)[0]
+        norms[name] = grad.float().norm() if grad is not None else at.new_zeros((), dtype=torch.float32)
+    total = sum(norms.values()).clamp_min(1e-30)
+    return {name: norm / total for name, norm in norms.items()}
 
 
 # -- geometry (normalised coordinates in [-1, 1], align_corners=False) --------------------------------
@@ -198,10 +220,12 @@ def sample_homographies(n: int, ranges: TransformRanges, generator: torch.Genera
     return every[kind, torch.arange(n)]
 
 
+@fp32
 def keypoint_mask(points: Tensor, weights: Tensor, size: tuple[int, int], sigma: float,
                   clamp: bool) -> Tensor:
     """Γ of Eq. 4.4-4.5 (B, 1, h, w): Σ_i w_i exp(-|cell - p_i|² / 2σ²), σ in cells, p_i normalised points
-    (a point at normalised x sits at cell coordinate (x + 1) w / 2 - 0.5); `clamp` caps it at 1."""
+    (a point at normalised x sits at cell coordinate (x + 1) w / 2 - 0.5); `clamp` caps it at 1. In fp32
+    with autocast off: under bf16 autocast the einsum would round Γ to 3 significant digits."""
     h, w = size
     u = (points[..., 0] + 1) * w / 2 - 0.5
     v = (points[..., 1] + 1) * h / 2 - 0.5
@@ -268,16 +292,23 @@ class CrossImage(NamedTuple):
     inliers: Tensor     # (B, n) bool
 
 
+CROSS_MATCHING = ("offline", "in_batch")
+
+
 @hparam
 @dataclass
 class CrossPairs:
-    """Cross-image supervision (§4.3.4 [R]). probability: share of anchors that, when matched, take the
-    partner's crop as second view (0 = self pairs only); mode: aligned (warp, default) | literal (Eq. 4.6
-    at the same cells); threshold: RANSAC inlier distance in attention cells; min_inliers: the confidence
-    a match needs; hypotheses: RANSAC draws; margin/min_crop: the crop is the inliers' box grown by
-    `margin` per side, at least `min_crop` of the image side; sigma, clamp_mask: Γ's σ in cells and its
-    cap at 1 (cell keypoints are dense, so unclamped sums reach ~5)."""
+    """Cross-image supervision (§4.3.4 [R]). matching: `offline` (SIFT pairs mined before training by
+    callbacks.cross_pairs.OfflineCrossPairs, the dissertation's) | `in_batch` (matching on the trunk's
+    feature cells inside each batch); probability: share of anchors that, when matched, take the partner's
+    crop as second view (0 = self pairs only; with offline matching the callback reads it); mode: aligned
+    (warp, default) | literal (Eq. 4.6 at the same cells); sigma, clamp_mask: Γ's σ in cells and its cap at 1
+    (cell keypoints are dense, so unclamped sums reach ~5). In-batch matching only: threshold: RANSAC inlier
+    distance in attention cells; min_inliers: the confidence a match needs; hypotheses: RANSAC draws;
+    margin/min_crop: the crop is the inliers' box grown by `margin` per side, at least `min_crop` of the
+    image side (the offline callback has its own crop settings)."""
 
+    matching: str = "in_batch"
     probability: float = 0.5
     mode: str = "aligned"
     threshold: float = 1.0
@@ -399,10 +430,12 @@ class TACCCL(IndexedMemory, EmbeddingModule):
     ccl_weight, ccl_positive: L_CC and its C+ (nearest | assigned).
     tac_weight, transforms, tac_upsample: L_TAC, the self-pair transform family, and bilinear
       upsampling of both maps before the comparison (1 = the raw grid).
-    feature_weight, feature_loss: L_F over self and cross pairs, mean ‖F − F'‖² (`squared`) or the text's
-      plain ‖F − F'‖ (`norm`), whose unit-length gradient collapses a random init (see
-      `feature_similarity_loss`).
-    cross: cross-image pairs (`CrossPairs`); used when the second branch runs (tac or feature weight > 0).
+    feature_weight, feature_loss: L_F over self and cross pairs, the text's plain ‖F − F'‖ (`norm`) or
+      ‖F − F'‖² (`squared`, for from-scratch trunks; see `feature_similarity_loss`).
+    cross: cross-image pairs (`CrossPairs`: offline SIFT pairs or in-batch matching); used when the second
+      branch runs (tac or feature weight > 0).
+    grad_share_every: every this many steps, log each weighted term's share of the gradient norm at the
+      trunk's feature map, where all terms meet (train/grad_share_*; 0 = never).
     attention_reduction, attention_kernel: CBAM's r and spatial kernel.
     center_features: BatchNorm without affine on the pooled features before the embedding layer. A random
       trunk's pooled ReLU features share one mean direction, so from scratch every embedding starts in a
@@ -415,9 +448,9 @@ class TACCCL(IndexedMemory, EmbeddingModule):
                  ms_margin: float = 0.1, memory_weight: float = 1.0, ccl_weight: float = 1.0,
                  ccl_positive: str = "nearest", tac_weight: float = 1.0,
                  transforms: TransformRanges | None = None, tac_upsample: int = 1,
-                 feature_weight: float = 1.0, feature_loss: str = "squared", cross: CrossPairs | None = None,
+                 feature_weight: float = 1.0, feature_loss: str = "norm", cross: CrossPairs | None = None,
                  attention_reduction: int = 16, attention_kernel: int = 7, center_features: bool = False,
-                 seed: int = 0, **kwargs):
+                 grad_share_every: int = 1, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if ccl_positive not in ("nearest", "assigned"):
             raise ValueError(f"ccl_positive {ccl_positive!r}: use nearest or assigned")
@@ -426,12 +459,14 @@ class TACCCL(IndexedMemory, EmbeddingModule):
         self.cross = cross or CrossPairs()
         if self.cross.mode not in ("aligned", "literal"):
             raise ValueError(f"cross.mode {self.cross.mode!r}: use aligned or literal")
+        if self.cross.matching not in CROSS_MATCHING:
+            raise ValueError(f"cross.matching {self.cross.matching!r}: use {' or '.join(CROSS_MATCHING)}")
         if tac_upsample < 1:
             raise ValueError(f"tac_upsample {tac_upsample} must be >= 1")
         self.ms = {"alpha": ms_alpha, "beta": ms_beta, "threshold": ms_threshold, "margin": ms_margin}
         self.memory_weight, self.ccl_weight, self.ccl_positive = memory_weight, ccl_weight, ccl_positive
         self.tac_weight, self.feature_weight, self.tac_upsample = tac_weight, feature_weight, tac_upsample
-        self.feature_loss = feature_loss
+        self.feature_loss, self.grad_share_every = feature_loss, grad_share_every
         self.transforms = transforms or TransformRanges()
         self.seed = seed
         self.attention = CBAM(self.trunk.out_dim, attention_reduction, attention_kernel)
@@ -467,6 +502,18 @@ class TACCCL(IndexedMemory, EmbeddingModule):
         self.resize_buffers_from(checkpoint, ("memory_embedding", "memory_index"))
 
     # -- training -------------------------------------------------------------------------------
+    @property
+    def two_views(self) -> bool:
+        """Whether a second branch runs (TAC or L_F is on)."""
+        return bool(self.tac_weight or self.feature_weight)
+
+    @property
+    def offline_pair_probability(self) -> float:
+        """The share of items that `callbacks.cross_pairs.OfflineCrossPairs` makes cross items: the
+        cross probability with offline matching and a second branch, else 0 (no pairs mined)."""
+        offline = self.cross.matching == "offline" and self.two_views
+        return self.cross.probability if offline else 0.0
+
     def _generator(self) -> torch.Generator:
         rank = self.trainer.global_rank if self._trainer is not None else 0
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 101 + rank)
@@ -474,9 +521,11 @@ class TACCCL(IndexedMemory, EmbeddingModule):
     def second_view(self, images: Tensor, labels: Tensor, index: Tensor, generator: torch.Generator,
                     offline: dict | None = None) -> SecondView:
         """Self pairs: the anchor warped by a sampled T. Cross pairs: the batch's offline pairs where it
-        carries them (`callbacks.cross_pairs`), else in-batch matching (matched anchors, with probability
-        cross.probability): the partner's crop around its inliers, T = crop then affine to the anchor.
-        In-batch matching reads the trunk's cells through a gradient-free pass of the anchor batch."""
+        carries them (`callbacks.cross_pairs`), else, with in-batch matching, matched anchors with
+        probability cross.probability: the partner's crop around its inliers, T = crop then affine to the
+        anchor. In-batch matching reads the trunk's cells through a gradient-free pass of the anchor batch
+        whose BatchNorm normalises with the batch but leaves the running statistics to the training forward
+        (one update a step)."""
         b, device = len(images), images.device
         homography = sample_homographies(b, self.transforms, generator).to(device)
         no_cross = torch.zeros(b, dtype=torch.bool, device=device)
@@ -485,7 +534,11 @@ class TACCCL(IndexedMemory, EmbeddingModule):
             return offline_view(view, offline)
         if self.cross.probability == 0:
             return view
-        with torch.no_grad():
+        if self.cross.matching == "offline":
+            raise RuntimeError("cross.matching is offline but the batch carries no cross pairs: list "
+                               "callbacks.cross_pairs.OfflineCrossPairs after KMeansPseudoLabels in "
+                               "trainer.callbacks, or set model.cross.matching=in_batch (or probability 0)")
+        with torch.no_grad(), untracked_batchnorm(self.trunk):
             fmap = self.trunk.feature_map(images)
         size = fmap.shape[-2:]
         descriptors = F.normalize(fmap.float().flatten(2).transpose(1, 2), dim=-1)
@@ -534,16 +587,16 @@ class TACCCL(IndexedMemory, EmbeddingModule):
                                "to trainer.callbacks (it sets them before the first epoch)")
         images, index = batch["views"][0], batch["index"]
         labels = self.pseudo_labels[index]
-        two_views = bool(self.tac_weight or self.feature_weight)
+        two_views = self.two_views
         offline = {k: v for k, v in batch.items() if k.startswith("cross")} or None
         if offline is not None:  # offline pairs: a cross item's anchor is its own keypoint crop
             images = torch.where(offline["cross"][:, None, None, None], offline["cross_views"][:, 0], images)
         if two_views:  # one forward over both views: BatchNorm (when it trains) sees them as one batch
             view = self.second_view(images, labels, index, self._generator(), offline)
-            z, attention, _ = self.attend(torch.cat([images, view.images]))
+            z, attention, fmap = self.attend(torch.cat([images, view.images]))
             (z, z2), (attention, attention2) = z.float().chunk(2), attention.chunk(2)
         else:
-            z, attention, _ = self.attend(images)
+            z, attention, fmap = self.attend(images)
             z = z.float()
         loss, terms = self.ms_with_memory(z, labels)
         if self.ccl_weight:
@@ -559,7 +612,19 @@ class TACCCL(IndexedMemory, EmbeddingModule):
             if self.feature_weight:
                 terms["feature"] = feature_similarity_loss(z, z2, self.feature_loss)
                 loss = loss + self.feature_weight * terms["feature"]
+        if self.grad_share_every and self.global_step % self.grad_share_every == 0 and fmap.requires_grad:
+            shares = gradient_shares(self.weighted(terms), fmap)
+            diagnostics.update({f"grad_share_{k}": v for k, v in shares.items()})
         if self.memory_weight:
             self.enqueue(z.detach(), index)  # after the memory term: the bank is read before it changes
         self.log_terms({"loss": loss, **terms, **diagnostics}, embedding=z)
         return loss
+
+    def weighted(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The loss's summands by component, each with its weight: ms, ms_memory, ccl, tac, feature."""
+        weights = {"ms": 1.0, "ms_memory": self.memory_weight, "ccl": self.ccl_weight,
+                   "tac_self": self.tac_weight, "tac_cross": self.tac_weight, "feature": self.feature_weight}
+        out = {k: weights[k] * v for k, v in terms.items() if weights.get(k)}
+        if "tac_self" in out:
+            out["tac"] = out.pop("tac_self") + out.pop("tac_cross")
+        return out

@@ -51,6 +51,13 @@ def test_every_config_of_a_method_parses_to_its_module(parser, method):
             assert "callbacks.pseudo_labels.KMeansPseudoLabels" in callbacks(cfg), config
             protocol = "seen" if config.stem == "digits" else "unseen"  # digits: headroom from scratch
             assert cfg.data.init_args.protocol == protocol and cfg.data.init_args.sampler == "pk", config
+            # paper configs: the dissertation's offline SIFT pairs, mined on the epoch-0 clusters (so after
+            # KMeansPseudoLabels); digits (8x8, no SIFT keypoints) matches in the batch, named as such
+            paper = config.stem != "digits"
+            assert cfg.model.init_args.cross["matching"] == ("offline" if paper else "in_batch"), config
+            expected_callbacks = ["callbacks.pseudo_labels.KMeansPseudoLabels"]
+            expected_callbacks += ["callbacks.cross_pairs.OfflineCrossPairs"] if paper else []
+            assert callbacks(cfg) == expected_callbacks, config
         if method == "roul":  # unseen split everywhere (digits included: NMI has the headroom)
             assert "callbacks.pseudo_labels.KMeansPseudoLabels" in callbacks(cfg), config
             assert cfg.data.init_args.protocol == "unseen" and cfg.data.init_args.sampler == "pk", config
@@ -175,9 +182,21 @@ TAC_CCL = {"model.embedding_dim": 512, "model.ms_alpha": 2.0, "model.ms_beta": 4
            "model.ms_margin": 0.1, "model.memory_weight": 1.0, "model.ccl_weight": 1.0, "model.tac_weight": 1.0,
            "model.feature_weight": 1.0, "model.cross.probability": 0.5, "model.optim.name": "adam",
            "model.optim.weight_decay": 5e-4, "model.schedule.name": "step", "data.batch_size": 80,
-           "data.samples_per_class": 5, "trainer.callbacks.KMeansPseudoLabels.every_n_epochs": 20}
+           "data.samples_per_class": 5, "trainer.callbacks.KMeansPseudoLabels.every_n_epochs": 20,
+           # §3.6 L_F is the plain norm; §3.3 C+ = the nearest centre; §3.2.1 one k-means run of 50 iterations
+           "model.feature_loss": "norm", "model.ccl_positive": "nearest",
+           "trainer.callbacks.KMeansPseudoLabels.restarts": 1,
+           "trainer.callbacks.KMeansPseudoLabels.iterations": 50,
+           # §3.5 cross pairs: offline SIFT matching in the epoch-0 clusters (ratio 0.75, RANSAC affine at
+           # 5 px, >= 20 inliers, top-2), crops = the inliers' box + 15% and >= 64 px; Γ's σ = 1 cell; A6
+           "model.cross.matching": "offline", "model.cross.mode": "aligned", "model.cross.sigma": 1.0,
+           **{f"trainer.callbacks.OfflineCrossPairs.{k}": v for k, v in {
+               "top_k": 2, "min_inliers": 20, "ratio": 0.75, "reprojection": 5.0, "asift": False,
+               "longer_side": 256, "margin": 0.15, "min_side": 64.0,
+               "probability": None}.items()}}  # probability None: the model's cross.probability
+# §2.2: GAP -> FC -> L2 on pretrained features, no centring (center_features is our from-scratch fix, §2.3)
 TAC_CCL_GOOGLENET = {**TAC_CCL, "model.backbone": "googlenet", "model.frozen_bn": True, "model.optim.lr": 3e-5,
-                     "model.schedule.factors": [0.1], "data.image_size": 227}
+                     "model.schedule.factors": [0.1], "data.image_size": 227, "model.center_features": False}
 # roul.md §5 (Hyperparameters)
 ROUL = {"model.embedding_dim": 128, "model.ms_alpha": 2.0, "model.ms_beta": 40.0, "model.ms_threshold": 0.5,
         "model.ms_margin": 0.1, "model.mv_weight": 1.0, "model.mv_h": 0.1, "model.roc_weight": 0.1,
@@ -272,6 +291,7 @@ PAPER_VALUES = {
     "tac_ccl/sop": {**TAC_CCL_GOOGLENET, "trainer.max_epochs": 40, "model.schedule.milestones": [24],
                     "trainer.callbacks.KMeansPseudoLabels.num_clusters": 10_000, "evaluation.recall_ks": [1, 10, 100]},
     "tac_ccl/sop-resnet18": {**TAC_CCL, "model.backbone": "resnet18", "model.frozen_bn": False, "model.optim.lr": 1e-3,
+                             "model.center_features": True,  # from scratch (docs/methods/tac_ccl.md)
                              "model.schedule.milestones": [60, 80], "model.schedule.factors": [0.1, 0.01],
                              "trainer.max_epochs": 100, "data.image_size": 224,
                              "trainer.callbacks.KMeansPseudoLabels.num_clusters": 10_000,

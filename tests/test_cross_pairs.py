@@ -17,7 +17,7 @@ from callbacks.cross_pairs import (
 )
 from callbacks.pseudo_labels import KMeansPseudoLabels
 from datamodules.base import EmbeddingDataModule, Records
-from lightning_modules.tac_ccl import TACCCL
+from lightning_modules.tac_ccl import TACCCL, CrossPairs
 
 
 def texture(seed: int, size: int = 256) -> np.ndarray:
@@ -138,24 +138,39 @@ class Warps(EmbeddingDataModule):
                 "test": Records(np.stack(test), np.array([0, 0, 1, 1]))}
 
 
-def test_offline_pairs_reach_the_training_batches_and_are_cached(tmp_path):
+def fit_with_offline_pairs(tmp_path, **losses) -> tuple[OfflineCrossPairs, list[float]]:
+    """One training batch on `Warps` with the pairs callback reading the module's cross probability;
+    returns the callback and each batch's share of cross items (-1: the batch carried none)."""
     L.seed_everything(0)
-    model = TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8)
+    model = TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8,
+                   cross=CrossPairs(matching="offline", probability=1.0), **losses)
     data = Warps(protocol="unseen", batch_size=8, eval_batch_size=8, sampler="pk", samples_per_class=4,
                  image_size=16, train_transform="plain", eval_transform="plain")
-    pairs = OfflineCrossPairs(probability=1.0, cache_dir=str(tmp_path), min_inliers=10, longer_side=128,
-                              min_side=16.0)
+    pairs = OfflineCrossPairs(cache_dir=str(tmp_path), min_inliers=10, longer_side=128, min_side=16.0)
     shares = []
 
     class Share(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            shares.append(batch["cross"].float().mean().item())
+            shares.append(batch["cross"].float().mean().item() if "cross" in batch else -1.0)
 
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0,
                         limit_val_batches=0, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                         enable_model_summary=False,
                         callbacks=[KMeansPseudoLabels(num_clusters=2), pairs, Share()])
     trainer.fit(model, data)
+    return pairs, shares
+
+
+def test_offline_pairs_reach_the_training_batches_and_are_cached(tmp_path):
+    pairs, shares = fit_with_offline_pairs(tmp_path)
     assert pairs.stats["pairs"] > 0 and pairs.stats["precision"] == 100.0  # one true class
-    assert shares and shares[0] > 0  # items with a partner arrive as cross items
+    assert shares == [1.0]  # every image has a partner: all items arrive as cross items (probability 1)
     assert len(list(tmp_path.glob("pairs-*.npz"))) == 1
+
+
+def test_rows_without_a_second_branch_mine_nothing_and_keep_plain_anchors(tmp_path):
+    """Table 4.4's Baseline and +CCL rows run the same config with TAC and L_F off: no pairs are mined and
+    no anchor is swapped for a keypoint crop."""
+    pairs, shares = fit_with_offline_pairs(tmp_path, tac_weight=0.0, feature_weight=0.0)
+    assert pairs.stats["pairs"] == 0 and shares == [-1.0]
+    assert not list(tmp_path.glob("pairs-*.npz"))

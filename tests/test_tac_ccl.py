@@ -22,6 +22,7 @@ from lightning_modules.tac_ccl import (
     cell_centers,
     contrastive_clustering_loss,
     feature_similarity_loss,
+    gradient_shares,
     homography_from_points,
     keypoint_mask,
     match_in_batch,
@@ -68,8 +69,26 @@ def test_feature_similarity_loss_squared_and_plain_norm_hand_computed():
         feature_similarity_loss(near, torch.tensor([[1.0, distance]]), "squared").backward()
         assert near.grad.norm().item() == pytest.approx(squared_grad, rel=1e-5)
         near.grad = None
-    with pytest.raises(ValueError, match="squared, norm"):
+    with pytest.raises(ValueError, match="norm, squared"):
         feature_similarity_loss(a, b, "cube")
+
+
+def test_feature_loss_defaults_to_the_dissertations_plain_norm():
+    """L_F = mean ‖F − F'‖ (§4.3.1), unsquared, in the function and in the module."""
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    assert feature_similarity_loss(a, b).item() == pytest.approx(math.sqrt(0.8) / 2)
+    assert TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8).feature_loss == "norm"
+
+
+def test_gradient_shares_hand_computed():
+    x = torch.ones(4, requires_grad=True)
+    y = x * 3
+    # d(2 Σy)/dy = 2, d(Σy²/2)/dy = y = 3, a constant reaches nothing: norms 4, 6, 0 over 4 entries
+    shares = gradient_shares({"a": 2 * y.sum(), "b": y.square().sum() / 2, "c": torch.tensor(1.0)}, y)
+    assert shares["a"].item() == pytest.approx(0.4) and shares["b"].item() == pytest.approx(0.6)
+    assert shares["c"].item() == 0.0
+    y.sum().backward()  # the graph survives for the training backward
+    assert torch.equal(x.grad, torch.full((4,), 3.0))
 
 
 def test_tac_terms_average_self_and_cross_pairs_over_the_whole_batch():
@@ -94,6 +113,78 @@ def test_training_step_forwards_both_views_in_one_batch():
     model.trunk.net.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0])))
     loss = model.training_step({"views": [torch.randn(4, 1, 8, 8)], "index": torch.arange(4)}, 0)
     assert torch.isfinite(loss) and sizes == [8]  # one trunk pass over anchor and second view together
+
+
+def offline_batch(n: int = 4) -> dict:
+    """A batch as callbacks.cross_pairs delivers it: items 0 and 2 are cross items with 3 keypoints."""
+    points = torch.tensor([[-0.5, -0.5], [0.25, 0.0], [0.5, 0.75]]).expand(n, 2, 3, 2)
+    return {"views": [torch.randn(n, 1, 8, 8)], "index": torch.arange(n),
+            "cross": torch.arange(n) % 2 == 0, "cross_views": torch.randn(n, 2, 1, 8, 8),
+            "cross_points": points, "cross_weights": torch.ones(n, 3),
+            "cross_affine": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3)}
+
+
+def test_keypoint_masks_stay_fp32_in_a_bf16_autocast_step():
+    """Γ is an einsum of Gaussians: autocast would round it to bf16 (3 digits); it is computed in fp32."""
+    torch.manual_seed(0)
+    model = TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8, memory_weight=0.0,
+                   cross=CrossPairs(matching="offline", clamp_mask=False))
+    model.set_pseudo_labels(torch.tensor([0, 0, 1, 1]), torch.randn(2, 8))
+    masks = []
+    inner = model.keypoint_mask
+    model.keypoint_mask = lambda *args: masks.append(inner(*args)) or masks[-1]
+    model.log_terms = lambda terms, embedding=None: None
+    batch = offline_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model.training_step(batch, 0))
+    assert len(masks) == 2 and all(m.dtype == torch.float32 for m in masks)
+    # against a float64 evaluation of Eq. 4.4-4.5 at the cells (4x4 grid, σ = 1 cell)
+    points = batch["cross_points"][:, 0].double()
+    u, v = (points[..., 0] + 1) * 2 - 0.5, (points[..., 1] + 1) * 2 - 0.5
+    cells = torch.arange(4, dtype=torch.float64)
+    expected = torch.exp(-(cells[None, None, :, None] - v[..., None, None]).square() / 2
+                         - (cells[None, None, None, :] - u[..., None, None]).square() / 2).sum(1)
+    assert torch.allclose(masks[0][:, 0].double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_in_batch_matching_updates_batchnorm_statistics_once_a_step():
+    """The matching pass reads the trunk's cells with batch statistics but leaves the running ones (and the
+    batch count) to the training forward: one BatchNorm update per step."""
+    torch.manual_seed(0)
+    model = TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8, memory_weight=0.0,
+                   cross=CrossPairs(matching="in_batch", probability=1.0, min_inliers=3))
+    model.set_pseudo_labels(torch.tensor([0, 0, 1, 1]), torch.randn(2, 8))
+    model.log_terms = lambda terms, embedding=None: None
+    norms = [m for m in model.trunk.modules() if isinstance(m, nn.BatchNorm2d)]
+    passes = []
+    model.trunk.net.register_forward_pre_hook(lambda module, inputs: passes.append(len(inputs[0])))
+    images = torch.randn(4, 1, 8, 8)
+    for step in (1, 2):
+        model.training_step({"views": [images], "index": torch.arange(4)}, step)
+        assert all(m.num_batches_tracked.item() == step for m in norms)
+    assert passes == [4, 8, 4, 8]  # the matching pass does run (then the two views together)
+
+
+def test_offline_matching_without_the_callback_names_the_fix():
+    model = TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8, cross=CrossPairs(matching="offline"))
+    model.set_pseudo_labels(torch.tensor([0, 0, 1, 1]), torch.randn(2, 8))
+    with pytest.raises(RuntimeError, match="OfflineCrossPairs"):
+        model.training_step({"views": [torch.randn(4, 1, 8, 8)], "index": torch.arange(4)}, 0)
+    with pytest.raises(ValueError, match="offline or in_batch"):
+        TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8, cross=CrossPairs(matching="sift"))
+
+
+def test_every_term_logs_its_share_of_the_gradient():
+    torch.manual_seed(0)
+    model = TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8, cross=CrossPairs(matching="offline"))
+    embedding = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    model.set_pseudo_labels(torch.tensor([0, 0, 1, 1]), torch.randn(2, 8), embedding)
+    logged = {}
+    model.log_terms = lambda terms, embedding=None: logged.update(terms)
+    model.training_step(offline_batch(), 0)
+    shares = {k[len("grad_share_"):]: v.item() for k, v in logged.items() if k.startswith("grad_share_")}
+    assert set(shares) == {"ms", "ms_memory", "ccl", "tac", "feature"}
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["ccl"] > 0 and shares["tac"] > 0
 
 
 def test_multi_similarity_loss_hand_computed():

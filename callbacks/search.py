@@ -7,7 +7,10 @@ pure-torch fallback) where faiss is missing. Backends:
   ``gpu`` extra, ``faiss-gpu``); faiss-cpu otherwise (``faiss_gpu_device`` decides).
 - ``"torch"``: blockwise matmul + topk and a Lloyd's k-means, on the input's device. A block holds at
   most ``_BLOCK_ELEMENTS`` similarities, so a 60,502 x 60,502 matrix never exists at once.
-- ``"auto"`` (default): ``"faiss"`` if it imports, else ``"torch"``.
+- ``"auto"`` (default): ``"faiss"`` if it imports, else ``"torch"``; k-means's Lloyd's iterations also
+  stay on torch for GPU data that faiss cannot use (`lloyd_for`).
+
+k-means seeds with greedy k-means++ on either backend (`kmeans`); random-point seeds are a named option.
 
 Results always come back as torch tensors on the input's device.
 """
@@ -15,6 +18,7 @@ Results always come back as torch tensors on the input's device.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import ModuleType
 from typing import Literal
 
@@ -246,13 +250,19 @@ def _assign(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(labels), torch.cat(dists)
 
 
+def greedy_trials(num_clusters: int) -> int:
+    """Candidates per centre of greedy k-means++: 2 + ln K, scikit-learn's choice (after Arthur &
+    Vassilvitskii's experiments)."""
+    return 2 + int(np.log(num_clusters))
+
+
 def kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator,
                      local_trials: int | None = None) -> Tensor:
     """Greedy k-means++ seeds (K, d) on x's device: scikit-learn's default seeding.
 
     k-means++ (Arthur & Vassilvitskii 2007) draws each next centre with probability ~ D(x)^2, the squared
     distance to the nearest centre so far. The greedy variant draws ``local_trials`` candidates
-    (default 2 + ln K, scikit-learn's choice) and keeps the one that lowers the potential sum D^2 most;
+    (default `greedy_trials`: 2 + ln K) and keeps the one that lowers the potential sum D^2 most;
     ``local_trials=1`` is plain k-means++. Plain k-means++ still misses a well-separated cluster with
     real probability: its last draw lands in one of the K - 1 covered clusters with probability their
     share of the potential (about 1/4 for 10 clusters of 16-d points at noise 0.2, where every greedy
@@ -260,7 +270,7 @@ def kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator,
     k-means++ does; the draws are an inverse-CDF lookup on the device, so a GPU run never syncs.
     """
     n = x.shape[0]
-    trials = local_trials if local_trials is not None else 2 + int(np.log(num_clusters))
+    trials = local_trials if local_trials is not None else greedy_trials(num_clusters)
     x_sq = x.square().sum(dim=1)
 
     def sq_distances(idx: Tensor) -> Tensor:  # (N, len(idx)) squared distances to the rows idx
@@ -301,6 +311,22 @@ def lloyd(x: Tensor, centroids: Tensor, iterations: int) -> tuple[Tensor, float]
     return labels, dists.sum().item()
 
 
+Lloyd = Callable[[Tensor, Tensor, int], tuple[Tensor, float]]
+
+
+def lloyd_for(device: torch.device, backend: Backend = "auto") -> Lloyd:
+    """The Lloyd's iterations `kmeans` runs for data on ``device``: `faiss_lloyd` for backend "faiss", or
+    "auto" with faiss installed and able to run on that device (CPU data, or a GPU that faiss-gpu sees);
+    `lloyd` (torch, on the device) otherwise. Under "auto", data on a GPU that faiss cannot use stays
+    there: torch's Lloyd on the GPU beats a copy to faiss-cpu."""
+    resolved = resolve_backend(backend)
+    if resolved == "torch":
+        return lloyd
+    if backend == "faiss" or device.type != "cuda":
+        return faiss_lloyd
+    return faiss_lloyd if faiss_gpu_device(device, load_faiss()) is not None else lloyd
+
+
 def kmeans(
     x: Tensor,
     num_clusters: int,
@@ -317,9 +343,10 @@ def kmeans(
     - ``"k-means++"`` (default): greedy k-means++ seeds (`kmeans_plus_plus`, scikit-learn's seeding and
       the papers' protocol), drawn by torch on x's device, then Lloyd's iterations: faiss's on the CPU
       or on x's GPU where faiss has GPU support, torch's (`lloyd`) where the backend is torch or x sits
-      on a GPU that faiss cannot use. On 10 separated clusters one run finds them all; see the k-means
-      section of ``make bench`` for the seeding's cost (it grows as N K d, like one Lloyd pass per
-      ~100 clusters... measured there, not guessed here).
+      on a GPU that faiss cannot use. On 10 separated clusters one run finds them all. The seeding is
+      K sequential steps, each reading x once for N d (2 + ln K) multiply-adds: the flops of 2 + ln K
+      Lloyd passes (11 at K = 10,000), at the speed of a skinny product rather than a full GEMM. ``make bench --only kmeans`` times
+      it against Lloyd's iterations and scikit-learn (which seeds the same way at the same cost).
     - ``"random"``: K random points as seeds (faiss's own k-means on the faiss backend). It is cheaper
       to seed, but it rarely hits every cluster: 10 random draws cover 10 equal clusters with
       probability 10!/10^10 (0.04 %), Lloyd's iterations seldom pull a merged pair apart, and restarts
@@ -336,8 +363,8 @@ def kmeans(
     if restarts < 1 or iterations < 1:
         raise ValueError(f"restarts and iterations must be >= 1, got {restarts} and {iterations}")
     check_init(init)
-    faiss_lloyd_here = _faiss_runs_kmeans_on(x.device, backend)
-    if init == "random" and faiss_lloyd_here:
+    run_lloyd = lloyd_for(x.device, backend)
+    if init == "random" and run_lloyd is faiss_lloyd:
         return _faiss_kmeans_random(x, num_clusters, seed, restarts, iterations)
     x = x.float()
     generator = torch.Generator(device=x.device).manual_seed(seed)
@@ -345,19 +372,7 @@ def kmeans(
     for _ in range(restarts):
         seeds = (kmeans_plus_plus(x, num_clusters, generator) if init == "k-means++"
                  else random_seeds(x, num_clusters, generator))
-        labels, inertia = (faiss_lloyd if faiss_lloyd_here else lloyd)(x, seeds, iterations)
+        labels, inertia = run_lloyd(x, seeds, iterations)
         if inertia < best_inertia:
             best_labels, best_inertia = labels, inertia
     return best_labels
-
-
-def _faiss_runs_kmeans_on(device: torch.device, backend: Backend) -> bool:
-    """Whether Lloyd's iterations go to faiss: backend "faiss", or "auto" with faiss installed and able
-    to run on the data's device (CPU data, or a GPU that faiss-gpu sees). Data on a GPU that faiss
-    cannot use stays there under "auto" (torch's Lloyd on the GPU beats a copy to faiss-cpu)."""
-    resolved = resolve_backend(backend)
-    if resolved == "torch":
-        return False
-    if backend == "faiss" or device.type != "cuda":
-        return True
-    return faiss_gpu_device(device, load_faiss()) is not None

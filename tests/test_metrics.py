@@ -331,8 +331,9 @@ def test_nmi_with_its_defaults_finds_ten_separated_clusters_every_time():
 
 def configured_pseudo_label_restarts() -> set[int]:
     """The k-means restarts of every KMeansPseudoLabels in the shipped configs."""
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     found = set()
     for path in Path("experiments/configs").rglob("*.yaml"):

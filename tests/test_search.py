@@ -213,7 +213,7 @@ def test_random_seeds_are_a_named_option_and_miss_separated_clusters(backend):
 def test_auto_kmeans_keeps_gpu_data_on_the_gpu_when_faiss_cannot_use_it():
     # faiss-cpu here: CPU data goes to faiss's Lloyd; CUDA data stays on its GPU (torch's Lloyd) under
     # "auto", and goes to faiss-cpu only when backend="faiss" is asked for.
-    assert search._faiss_runs_kmeans_on(torch.device("cpu"), "auto")
-    assert not search._faiss_runs_kmeans_on(torch.device("cuda", 0), "auto")
-    assert search._faiss_runs_kmeans_on(torch.device("cuda", 0), "faiss")
-    assert not search._faiss_runs_kmeans_on(torch.device("cpu"), "torch")
+    assert search.lloyd_for(torch.device("cpu")) is search.faiss_lloyd
+    assert search.lloyd_for(torch.device("cuda", 0)) is search.lloyd
+    assert search.lloyd_for(torch.device("cuda", 0), "faiss") is search.faiss_lloyd
+    assert search.lloyd_for(torch.device("cpu"), "torch") is search.lloyd

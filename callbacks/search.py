@@ -265,8 +265,8 @@ def kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator,
     (default `greedy_trials`: 2 + ln K) and keeps the one that lowers the potential sum D^2 most;
     ``local_trials=1`` is plain k-means++. Plain k-means++ still misses a well-separated cluster with
     real probability: its last draw lands in one of the K - 1 covered clusters with probability their
-    share of the potential (about 1/4 for 10 clusters of 16-d points at noise 0.2, where every greedy
-    draw hits). The candidates' distances are one (N, L) matmul, so a step reads x once like plain
+    share of the potential (about 1/4 for 10 clusters of 16-d points at noise 0.2; all 4 greedy
+    candidates land there with probability ~1/4^4 < 1 %). The candidates' distances are one (N, L) matmul, so a step reads x once like plain
     k-means++ does; the draws are an inverse-CDF lookup on the device, so a GPU run never syncs.
     """
     n = x.shape[0]
@@ -350,8 +350,8 @@ def kmeans(
     - ``"random"``: K random points as seeds (faiss's own k-means on the faiss backend). It is cheaper
       to seed, but it rarely hits every cluster: 10 random draws cover 10 equal clusters with
       probability 10!/10^10 (0.04 %), Lloyd's iterations seldom pull a merged pair apart, and restarts
-      do not compensate (10 restarts reached NMI 100 on 4 of 10 such sets where one k-means++ run
-      reaches it on all). Use it only when the seeding time matters more than the clustering.
+      do not compensate (10 restarts reached NMI 100 on 2 of 10 such sets, tests/test_metrics.py, where
+      one greedy k-means++ run reaches it on all). Use it only when the seeding time matters more than the clustering.
 
     Runs are reproducible for a fixed seed on one backend and device; backends and devices draw
     different (equally valid) seeds.

@@ -2,10 +2,11 @@
 
 Before the first epoch and every `every_n_epochs` epochs, the training split is embedded in order through
 the eval transform (`extract_features`, gathered over ranks), clustered by k-means with a fixed seed
-(faiss, on GPU when present), and the labels go to the datamodule (`set_pseudo_labels`: the P x K sampler
-re-keys) and, if it has the setter, to the module (`set_pseudo_labels(labels, centers, embedding)`).
-A loader's iterator, and its workers' copy of the sampler, exists before `on_train_epoch_start`, so the
-labels of epoch e are computed at the end of epoch e - 1 (the first epoch's at fit start).
+(`callbacks.search.kmeans`: greedy k-means++ seeds, Lloyd's iterations on faiss, on GPU when present),
+and the labels go to the datamodule (`set_pseudo_labels`: the P x K sampler re-keys) and, if it has the
+setter, to the module (`set_pseudo_labels(labels, centers, embedding)`). A loader's iterator, and its
+workers' copy of the sampler, exists before `on_train_epoch_start`, so the labels of epoch e are computed
+at the end of epoch e - 1 (the first epoch's at fit start).
 Ground-truth labels of the training split are read for monitoring only (NMI, pair precision).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from callbacks.features import extract_features
 from callbacks.metrics import nmi_from_labels
-from callbacks.search import kmeans
+from callbacks.search import check_init, kmeans
 
 
 def cluster_centers(x: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
@@ -55,19 +56,22 @@ def cluster_statistics(labels: np.ndarray, targets: np.ndarray | None) -> dict[s
 class KMeansPseudoLabels(L.Callback):
     """k-means pseudo labels of the training split, refreshed every `every_n_epochs` epochs.
 
-    num_clusters: K (TAC-CCL: 100 for CUB/Cars, 10,000 for SOP). seed, restarts, iterations, backend: the
-    k-means run (`callbacks.search.kmeans`; one run of 50 iterations by default). Cluster ids come back
+    num_clusters: K (TAC-CCL: 100 for CUB/Cars, 10,000 for SOP). seed, restarts, iterations, backend, init:
+    the k-means run (`callbacks.search.kmeans`; one run of 50 iterations from greedy k-means++ seeds by
+    default; init="random" is the cheaper seeding that misses clusters, see there). Cluster ids come back
     contiguous (0..K'-1, empty clusters dropped). Under DDP every rank extracts (a collective), rank 0
     clusters, and labels and centres are broadcast. The labels survive a checkpoint (state_dict).
     """
 
     def __init__(self, num_clusters: int = 100, every_n_epochs: int = 20, seed: int = 0, restarts: int = 1,
-                 iterations: int = 50, backend: str = "auto"):
+                 iterations: int = 50, backend: str = "auto", init: str = "k-means++"):
         if num_clusters < 2 or every_n_epochs < 1:
             raise ValueError(f"num_clusters {num_clusters} must be >= 2 and every_n_epochs {every_n_epochs} "
                              ">= 1")
         self.num_clusters, self.every_n_epochs = num_clusters, every_n_epochs
+        check_init(init)
         self.seed, self.restarts, self.iterations, self.backend = seed, restarts, iterations, backend
+        self.init = init
         self.labels: Tensor | None = None   # (N,) int64, CPU
         self.centers: Tensor | None = None  # (K', d) float32, CPU
         self.epoch: int | None = None       # the epoch the labels were made for
@@ -107,13 +111,7 @@ class KMeansPseudoLabels(L.Callback):
         """Embed the training split, cluster it, and hand the result on (every rank calls this)."""
         loader = trainer.datamodule.train_eval_dataloader(reveal_targets=True)
         embedding, targets, _ = extract_features(pl_module, loader)
-        if trainer.is_global_zero:
-            labels = kmeans(embedding, self.num_clusters, seed=self.seed, restarts=self.restarts,
-                            iterations=self.iterations, backend=self.backend)
-            labels = torch.unique(labels, return_inverse=True)[1]
-            result = (labels.cpu(), cluster_centers(embedding, labels, int(labels.max()) + 1).cpu())
-        else:
-            result = None
+        result = self.cluster(embedding) if trainer.is_global_zero else None
         self.labels, self.centers = trainer.strategy.broadcast(result, src=0)
         self.epoch = epoch
         known = targets.cpu().numpy() if bool((targets >= 0).all()) else None
@@ -121,6 +119,13 @@ class KMeansPseudoLabels(L.Callback):
         rank_zero_info(f"k-means pseudo labels for epoch {epoch}: "
                        + ", ".join(f"{k} {v:.4g}" for k, v in self.stats.items()))
         self.publish(trainer, pl_module, embedding)
+
+    def cluster(self, embedding: Tensor) -> tuple[Tensor, Tensor]:
+        """(labels (N,) contiguous ids, centres (K', d)), both on the CPU: this callback's k-means run."""
+        labels = kmeans(embedding, self.num_clusters, seed=self.seed, restarts=self.restarts,
+                        iterations=self.iterations, backend=self.backend, init=self.init)
+        labels = torch.unique(labels, return_inverse=True)[1]
+        return labels.cpu(), cluster_centers(embedding, labels, int(labels.max()) + 1).cpu()
 
     def publish(self, trainer: L.Trainer, pl_module: L.LightningModule, embedding: Tensor | None) -> None:
         trainer.datamodule.set_pseudo_labels(self.labels)

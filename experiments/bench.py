@@ -208,7 +208,7 @@ def _evaluation_rows(size: EvalSize) -> list[str]:
         ),
         (
             "NMI",
-            f"{km}; ours/faiss: random init, torch: k-means++",
+            f"{km}; ours: greedy k-means++ + faiss Lloyd, bare faiss: random init, torch: greedy k-means++",
             lambda: metrics.nmi(emb, y, restarts=size.restarts, iterations=size.iterations),
             lambda: _faiss_nmi(emb, y, size),
             lambda: metrics.nmi(emb, y, restarts=size.restarts, iterations=size.iterations, backend="torch"),
@@ -792,9 +792,104 @@ def bench_eir(quick: bool = False) -> str:
     return "\n".join(lines)
 
 
+# ---- k-means: seeding and Lloyd's iterations, time and NMI ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class KMeansSize:
+    """A k-means problem: N rows of `dim`, K clusters = classes, Lloyd's iterations per run, class noise."""
+
+    name: str
+    n: int
+    dim: int
+    clusters: int
+    iterations: int
+    noise: float = 2.0
+
+
+# CUB: its test split and TAC-CCL's 100 clusters, the pseudo-label callback's 50 iterations. SOP: TAC-CCL's
+# pseudo labels (the ~60K training images, K = 10,000); 10 Lloyd iterations keep scikit-learn's run on a CPU
+# to minutes (Lloyd's time grows linearly with them; the seeding's does not).
+KMEANS_FULL = (KMeansSize("CUB", 5_924, 512, 100, 50), KMeansSize("SOP", 60_000, 512, 10_000, 10))
+KMEANS_QUICK = (KMeansSize("CUB-quick", 600, 32, 20, 10, noise=0.5),
+                KMeansSize("SOP-quick", 1_200, 32, 200, 5, noise=0.5))
+
+
+def labelled_clusters(size: KMeansSize, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised rows around `size.clusters` class centres ~N(0, I) with N(0, noise^2) per coordinate,
+    and their balanced class labels: data whose k-means clustering has a right answer to score (NMI). At
+    noise 2 in 512-d, classes overlap enough that seeding matters (neither 100 nor chance)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(size.clusters, size.dim, generator=g)
+    targets = torch.randperm(size.n, generator=g) % size.clusters
+    rows = F.normalize(centres[targets] + size.noise * torch.randn(size.n, size.dim, generator=g), dim=1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return rows.to(device), targets
+
+
+def _sklearn_kmeans_plus_plus(x: torch.Tensor, size: KMeansSize) -> tuple[float, float, object]:
+    """(seeding s, Lloyd s, fitted KMeans) of scikit-learn: its greedy k-means++, then its Lloyd's
+    iterations from those seeds (tol=0: all `iterations`, as faiss runs them)."""
+    from sklearn.cluster import KMeans, kmeans_plusplus
+
+    points = x.cpu().numpy()
+    seed_s, (seeds, _) = _timed(lambda: kmeans_plusplus(points, size.clusters, random_state=0))
+    lloyd_s, fitted = _timed(lambda: KMeans(size.clusters, init=seeds, n_init=1, max_iter=size.iterations,
+                                            tol=0.0, algorithm="lloyd").fit(points))
+    return seed_s, lloyd_s, fitted
+
+
+def _kmeans_row(size: KMeansSize, method: str, seed_s: float, lloyd_s: float, inertia: float, targets,
+                labels) -> str:
+    nmi = metrics.nmi_from_labels(targets, labels)
+    return (f"| {size.name} | {size.n:,} x {size.dim}, K={size.clusters:,} | {method} | {seed_s:.2f} "
+            f"| {lloyd_s:.2f} | {seed_s + lloyd_s:.2f} | {inertia:.1f} | {nmi:.2f} |")
+
+
+def _kmeans_rows(size: KMeansSize) -> list[str]:
+    """One run (restarts = 1, the pseudo-label configs') per seeding on the same data: seeding and Lloyd
+    seconds, inertia and NMI against the classes."""
+    x, targets = labelled_clusters(size)
+    k = size.clusters
+    run_lloyd = search.lloyd_for(x.device)
+    where = f"{'faiss' if run_lloyd is search.faiss_lloyd else 'torch'} Lloyd"
+    seeders = [
+        ("random points (`init=\"random\"`)", lambda g: search.random_seeds(x, k, g)),
+        ("k-means++, plain (1 draw per centre)", lambda g: search.kmeans_plus_plus(x, k, g, local_trials=1)),
+        (f"greedy k-means++ ({search.greedy_trials(k)} draws, the default)",
+         lambda g: search.kmeans_plus_plus(x, k, g)),
+    ]
+    rows = []
+    for name, seeder in seeders:
+        seed_s, seeds = _timed(lambda seeder=seeder: seeder(torch.Generator(device=x.device).manual_seed(0)))
+        lloyd_s, (labels, inertia) = _timed(lambda seeds=seeds: run_lloyd(x, seeds, size.iterations))
+        rows.append(_kmeans_row(size, f"{name} + {where}", seed_s, lloyd_s, inertia, targets, labels))
+    seed_s, lloyd_s, fitted = _sklearn_kmeans_plus_plus(x, size)
+    rows.append(_kmeans_row(size, "scikit-learn (greedy k-means++ + its Lloyd)", seed_s, lloyd_s,
+                            fitted.inertia_, targets, fitted.labels_))
+    return rows
+
+
+def bench_kmeans(quick: bool = False, sizes: tuple[KMeansSize, ...] | None = None) -> str:
+    """k-means seeding (random points, plain and greedy k-means++, scikit-learn's) with Lloyd's iterations:
+    seconds and NMI on the same data, at CUB's size and at SOP's pseudo-label size (`sizes` overrides)."""
+    sizes = sizes or (KMEANS_QUICK if quick else KMEANS_FULL)
+    lines = ["### k-means: seeding and Lloyd's iterations", "", device_info(), "",
+             ("One run each (restarts = 1, as the pseudo-label configs) on L2-normalised Gaussian classes "
+              "(centres ~N(0, I), noise per coordinate and Lloyd's iterations: "
+              + ", ".join(f"{s.noise:g} and {s.iterations} at {s.name}" for s in sizes)
+              + "); seeds drawn by torch on the data's device; NMI (%) of the clusters against the classes."),
+             "",
+             "| set | data | seeding + Lloyd | seeding (s) | Lloyd (s) | total (s) | inertia | NMI |",
+             "|---|---|---|---|---|---|---|---|"]
+    for size in sizes:
+        lines.extend(_kmeans_rows(size))
+    return "\n".join(lines)
+
+
 SECTIONS: dict[str, Callable[[bool], str]] = {"evaluation": bench_evaluation, "tac_ccl": bench_tac_ccl, "umm": bench_umm,
                                               "roul": bench_roul, "data": bench_data, "san": bench_san,
-                                              "eir": bench_eir}
+                                              "eir": bench_eir, "kmeans": bench_kmeans}
 
 
 def main(argv: list[str] | None = None) -> None:

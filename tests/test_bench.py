@@ -62,3 +62,16 @@ def test_gemm_floor_writes_every_tile_of_the_similarity_matrix(monkeypatch):
     monkeypatch.setattr(torch, "mm", lambda a, b, out: seen.append((a.shape[0], b.shape[1])) or real_mm(a, b, out=out))
     gemm_floor(torch.randn(10, 4), rows=4, cols=3)
     assert sum(r * c for r, c in seen) == 100 and len(seen) == 3 * 4
+
+
+def test_kmeans_section_times_each_seeding_with_lloyd_and_scores_it_like_scikit_learn():
+    text = SECTIONS["kmeans"](True)
+    for name, k in (("CUB-quick", 20), ("SOP-quick", 200)):
+        rows = table_rows(text, name)
+        assert [r[2].split(" (")[0].split(" + ")[0] for r in rows] == [
+            "random points", "k-means++, plain", "greedy k-means++", "scikit-learn"]
+        assert f"K={k}" in rows[0][1]
+        for _, _, _, seeding, lloyd, total, inertia, nmi in rows:
+            assert float(seeding) >= 0 and float(lloyd) >= 0 and float(inertia) > 0
+            assert abs(float(seeding) + float(lloyd) - float(total)) <= 0.011  # printed to 2 decimals
+            assert 0 < float(nmi) <= 100

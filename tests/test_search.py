@@ -143,5 +143,77 @@ def test_cpu_tensors_take_the_faiss_cpu_path_unchanged():
     km = faiss.Kmeans(4, 3, niter=50, nredo=2, seed=3, spherical=False, max_points_per_centroid=90,
                       min_points_per_centroid=1, verbose=False)
     km.train(x.numpy())
-    assert torch.equal(search.kmeans(x, 3, seed=3, restarts=2, backend="faiss"),
+    assert torch.equal(search.kmeans(x, 3, seed=3, restarts=2, backend="faiss", init="random"),
                        torch.from_numpy(km.assign(x.numpy())[1]).long())
+
+
+def test_default_kmeans_is_faiss_lloyd_from_greedy_k_means_plus_plus_seeds():
+    # restarts=1: the torch-drawn seeds (same generator stream), then faiss's Lloyd from exactly those seeds
+    faiss = search.load_faiss()
+    x = _unit(300, 8, 4)
+    seeds = search.kmeans_plus_plus(x, 12, torch.Generator().manual_seed(5))
+    km = faiss.Kmeans(8, 12, niter=20, spherical=False, max_points_per_centroid=300, min_points_per_centroid=1)
+    km.train(x.numpy(), init_centroids=seeds.numpy())
+    assert torch.equal(search.kmeans(x, 12, seed=5, restarts=1, iterations=20),
+                       torch.from_numpy(km.assign(x.numpy())[1]).long())
+
+
+def test_faiss_and_torch_lloyd_agree_from_the_same_centroids():
+    x = _unit(400, 8, 6)
+    seeds = search.kmeans_plus_plus(x, 15, torch.Generator().manual_seed(0))
+    centroids = seeds.clone()
+    torch_labels, torch_inertia = search.lloyd(x, centroids, 30)
+    faiss_labels, faiss_inertia = search.faiss_lloyd(x, seeds, 30)
+    assert torch.equal(faiss_labels, torch_labels)
+    assert faiss_inertia == pytest.approx(torch_inertia, rel=1e-5)
+    assert torch.equal(seeds, search.kmeans_plus_plus(x, 15, torch.Generator().manual_seed(0)))  # not moved
+
+
+def _ten_blobs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """10 well-separated clusters of 50 points in 16-d (centres ~N(0, I), noise 0.2)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(10).repeat_interleave(50)
+    return torch.randn(10, 16, generator=g)[labels] + 0.2 * torch.randn(500, 16, generator=g), labels
+
+
+def _clusters_seeded(x: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> int:
+    """How many distinct true clusters hold a seed (seeds are rows of x)."""
+    rows = torch.cdist(seeds, x).argmin(dim=1)
+    return int(labels[rows].unique().numel())
+
+
+def test_greedy_seeding_covers_every_separated_cluster_where_plain_k_means_plus_plus_misses():
+    # Plain k-means++ misses a cluster on the last draws with probability ~ the covered clusters' share of
+    # the potential (about 1/4 here); the greedy draw (2 + ln 10 = 4 candidates) keeps the best of them.
+    greedy, plain = [], []
+    for seed in range(10):
+        x, labels = _ten_blobs(seed)
+        greedy.append(_clusters_seeded(x, labels, search.kmeans_plus_plus(x, 10, torch.Generator().manual_seed(seed))))
+        plain.append(_clusters_seeded(x, labels, search.kmeans_plus_plus(
+            x, 10, torch.Generator().manual_seed(seed), local_trials=1)))
+    assert greedy == [10] * 10
+    assert sum(covered < 10 for covered in plain) >= 3  # 6 of 10 here
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_seeds_are_a_named_option_and_miss_separated_clusters(backend):
+    # The fast path stays available, and what it costs is visible: one run from random points leaves
+    # merged clusters on most of these sets; the default (greedy k-means++) finds all 10 on every set.
+    exact = {"random": 0, "k-means++": 0}
+    for seed in range(10):
+        x, labels = _ten_blobs(seed)
+        for init in exact:
+            clusters = search.kmeans(x, 10, restarts=1, backend=backend, init=init)
+            exact[init] += nmi_from_labels(labels, clusters) == pytest.approx(100.0)
+    assert exact["k-means++"] == 10 and exact["random"] <= 5
+    with pytest.raises(ValueError, match=r"k-means init must be one of \('k-means\+\+', 'random'\), got 'forgy'"):
+        search.kmeans(x, 10, init="forgy")
+
+
+def test_auto_kmeans_keeps_gpu_data_on_the_gpu_when_faiss_cannot_use_it():
+    # faiss-cpu here: CPU data goes to faiss's Lloyd; CUDA data stays on its GPU (torch's Lloyd) under
+    # "auto", and goes to faiss-cpu only when backend="faiss" is asked for.
+    assert search.lloyd_for(torch.device("cpu")) is search.faiss_lloyd
+    assert search.lloyd_for(torch.device("cuda", 0)) is search.lloyd
+    assert search.lloyd_for(torch.device("cuda", 0), "faiss") is search.faiss_lloyd
+    assert search.lloyd_for(torch.device("cpu"), "torch") is search.lloyd

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_modules.backbones import build_backbone
-from lightning_modules.losses import contrastive_memory_loss
+from lightning_modules.losses import cbml_loss, contrastive_memory_loss
 from lightning_modules.san import (
     SAN,
     Assembly,
@@ -241,6 +241,44 @@ def test_contrastive_memory_loss_by_hand():
     # q1 (class 1): k0 negative s = 0 (inactive), k1 negative 0.8 - 0.5, k2 positive 1 - 0.6
     loss = contrastive_memory_loss(query, torch.tensor([0, 1]), keys, torch.tensor([0, 0, 1]))
     assert loss.item() == pytest.approx((0.4 + 0.3 + 0.3 + 0.4) / 2)
+
+
+def unit(s: float) -> list[float]:
+    """A 2-d unit key at cosine s to the query (1, 0)."""
+    return [s, math.sqrt(1 - s * s)]
+
+
+def test_cbml_memory_loss_by_hand():
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    keys = torch.tensor([[1.0, 0.0], unit(0.8), unit(0.3), unit(0.5), unit(-0.2)])
+    key_labels = torch.tensor([0, 0, 0, 1, 1])
+    # q0 (class 0): k0 is itself (s = 1, left out); P = {0.8, 0.3}, N = {0.5, -0.2}
+    # mu = 0.1 * 0.55 + 0.9 * 0.15 = 0.19; V = (0.5 - 0.19)^2 + (-0.2 - 0.19)^2 = 0.2482
+    # mined: positives with s - 0.1 < 0.5 -> {0.3}; negatives with s + 0.1 > 0.3 -> {0.5}
+    # L_0 = log(1 + e^{-(0.3 - 0.5)/0.5}) + log(1 + e^{(0.5 - 1)/0.01}) + V; q1 (class 2) has no positive: 0
+    expected = math.log1p(math.exp(0.4)) + math.log1p(math.exp(-50)) + 0.2482
+    loss = cbml_loss(query, torch.tensor([0, 2]), keys, key_labels)
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
+    mean = cbml_loss(query, torch.tensor([0, 2]), keys, key_labels, variance="mean")
+    assert mean.item() == pytest.approx((expected - 0.2482 / 2) / 2, rel=1e-5)
+
+
+def test_the_paper_memory_term_is_cbml_and_its_gradient_share_is_logged():
+    torch.manual_seed(0)
+    model = MetricLearning(backbone="small_cnn", in_chans=1, embedding_dim=8, labels="pseudo", memory_loss="cbml")
+    model.set_pseudo_labels(torch.arange(16) % 4, torch.zeros(4, 8),
+                            embedding=torch.nn.functional.normalize(torch.randn(16, 8), dim=1))
+    logged = {}
+    model.log_terms = lambda terms, embedding=None: logged.update(terms)
+    batch = {"views": [torch.randn(8, 1, 8, 8)], "index": torch.arange(8), "target": torch.full((8,), -1)}
+    model.train()
+    loss = model.training_step(batch, 0)
+    assert loss.item() == pytest.approx((logged["ms"] + logged["memory"]).item(), rel=1e-5)
+    assert logged["memory"] > 0
+    assert (logged["grad_share/ms"] + logged["grad_share/memory"]).item() == pytest.approx(1.0)
+    assert logged["grad_share/memory"] > 0.05
+    with pytest.raises(ValueError, match="cbml_variance"):
+        MetricLearning(backbone="small_cnn", in_chans=1, embedding_dim=8, cbml_variance="max")
 
 
 def test_bench_times_san_and_the_bare_backbone_on_the_same_batch():

@@ -47,7 +47,7 @@ def test_every_san_config_parses_with_its_label_source(parser, name):
     if not name.startswith("digits"):
         stage = "layer3" if name == "sop-resnet18" else "inception4e"
         assert model.assembly.enabled and model.assembly.stage == stage and model.assembly.beta0 == 8.0
-        assert (model.entropy_weight, model.correlation_weight, model.coherence_weight) == (0.1, 0.1, 0.1)
+        assert (model.entropy_weight, model.correlation_weight, model.coherence_weight) == (0.01, 0.1, 0.1)
         assert cfg.trainer.max_epochs % cfg.trainer.check_val_every_n_epoch == 0
     if name in ("cub", "cars", "sop", "inshop", "cub-unsupervised", "cars-unsupervised", "sop-unsupervised"):
         assert model.loss == "ms" and model.memory_weight == 1.0

@@ -221,8 +221,8 @@ class SAN(MetricLearning):
 
     assembly: `Assembly` (enabled false = the baseline without SAN). entropy_weight, correlation_weight,
     coherence_weight: λ1, λ2, λ3 (0.01, 0.1, 0.1: at λ1 = 0.1 the entropy's gradient holds the assembly at
-    its identity start even where moving pays; see docs/methods/san.md). The module is built in `setup`, where the datamodule's
-    image size gives N; `insert_assembly(image_size)` does it outside a Trainer.
+    its identity start even where moving pays; see docs/methods/san.md). The module is built in `setup`,
+    where the datamodule's image size gives N; `insert_assembly(image_size)` does it outside a Trainer.
     """
 
     def __init__(self, assembly: Assembly | None = None, entropy_weight: float = 0.01,

@@ -117,6 +117,7 @@ class EmbeddingEvaluator(Scoreboard):
         each query's top-M re-ranked by the module's predicted relative orders (`predict_orders` on the
         "order_feature" its validation_step returns), reported as val/recall@K_refined beside val/recall@K;
         refine_m 0 = off.
+    A module with `validation_extras()` (SAN: val/san_moved) has those scores added to each validation's.
     """
 
     def __init__(self, recall_ks: Sequence[int] = (1, 2, 4, 8), knn_k: int = 200, knn_temperature: float = 0.1,
@@ -210,13 +211,15 @@ class EmbeddingEvaluator(Scoreboard):
             require_finite(trainer, f"the {role} embeddings", emb)
             sets[role] = (emb, target)
         nmi = self.runs_nmi(trainer)
+        # a module's own held-out diagnostics (SAN: the share of moved points), reported with the scores
+        extras = pl_module.validation_extras() if hasattr(pl_module, "validation_extras") else {}
         if self.refine["m"] and self.recall_ks:
             features = {role: self._order_features(pl_module, i) for i, role in enumerate(roles)
                         if role in ("query", "gallery")}
-            self.record(trainer, pl_module, lambda: {**self.score(sets, nmi),
+            self.record(trainer, pl_module, lambda: {**self.score(sets, nmi), **extras,
                                                      **self.refined_scores(pl_module, sets, features)}, complete)
             return
-        self.record(trainer, pl_module, lambda: self.score(sets, nmi), complete)
+        self.record(trainer, pl_module, lambda: {**self.score(sets, nmi), **extras}, complete)
 
 
 def is_final_validation(trainer) -> bool:

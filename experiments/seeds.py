@@ -66,6 +66,19 @@ TEST_BUDGET = {
     "eir": ["--trainer.max_epochs=6", "--data.batch_size=32", "--trainer.check_val_every_n_epoch=6",
             "--evaluation.kmeans_restarts=2", "--data.num_workers=0"],
 }
+# the network after one training step, the floor a learning check clears (issue 22). One batch: the CLI hands
+# `limit_train_batches=1` to the Trainer as the float 1.0 (= every batch), so it is the fraction 0.1 of a digits
+# epoch (10-18 batches: one batch); `steps_run` checks it. Study: --budget test --extra <ONE_STEP flags>.
+ONE_STEP = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=0.1", "--trainer.check_val_every_n_epoch=1"]
+
+
+def steps_run(run_dir: Path) -> int:
+    """Optimizer steps a finished run took (its last checkpoint's global step)."""
+    import torch
+
+    return torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+
+
 # the device-resident data path (datamodules/device_augment.py), for the fast-vs-standard acceptance study
 FAST_PATH = ["--data.init_args.device_resident=true"]
 

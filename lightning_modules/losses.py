@@ -38,25 +38,94 @@ def _multi_similarity():
 @fp32
 def multi_similarity_loss(query: torch.Tensor, query_labels: torch.Tensor, keys: torch.Tensor | None = None,
                           key_labels: torch.Tensor | None = None, alpha: float = 2.0, beta: float = 40.0,
-                          threshold: float = 0.5, margin: float = 0.1) -> torch.Tensor:
+                          threshold: float = 0.5, margin: float = 0.1,
+                          exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-Similarity loss with its hard mining (Wang et al. 2019): pytorch-metric-learning's
     `MultiSimilarityMiner(epsilon=margin)` and `MultiSimilarityLoss(alpha, beta, base=threshold)`, mean over
     the B queries (an anchor the miner leaves without pairs counts as 0, as in the MS code).
 
     `keys=None`: the keys are the queries themselves (the batch term; i is not its own positive). Otherwise
-    the keys are a memory (cross-batch memory: no diagonal to exclude).
+    the keys are a memory (cross-batch memory: no diagonal to exclude). `exclude` (B, M) bool: query-key
+    pairs that are neither positive nor negative (a memory's copies of the query itself,
+    `IndexedMemory.own_copies`); mined by `ms_mined_pairs`, the miner's rule on masks.
 
     The library's per-anchor math is called below its `forward`, whose guard returns a zero loss whenever at
     most one positive and one negative pair were mined: a real anchor pair would train nothing.
     """
     losses, miners = _multi_similarity()
     loss = losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=threshold)
-    mined = miners.MultiSimilarityMiner(epsilon=margin)(query, query_labels, keys, key_labels)
     sim = loss.distance(query, query if keys is None else keys)
+    if exclude is not None:
+        if keys is None:
+            raise ValueError("exclude masks query-key pairs of a memory: pass keys and key_labels too")
+        positive, negative = ms_mined_pairs(sim, query_labels[:, None] == key_labels[None, :], ~exclude, margin)
+        return loss._compute_loss(sim, positive.float(), negative.float())["loss"]["losses"].mean()
+    mined = miners.MultiSimilarityMiner(epsilon=margin)(query, query_labels, keys, key_labels)
     positive, negative = torch.zeros_like(sim), torch.zeros_like(sim)
     positive[mined[0], mined[1]] = 1
     negative[mined[2], mined[3]] = 1
     return loss._compute_loss(sim, positive, negative)["loss"]["losses"].mean()
+
+
+def ms_mined_pairs(sim: torch.Tensor, same: torch.Tensor, valid: torch.Tensor,
+                   margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) bool masks of the MS miner's hard pairs among the `valid` ones: a candidate
+    positive is kept when s − ε < the row's largest candidate-negative s, a candidate negative when
+    s + ε > the row's smallest candidate-positive s (a row without candidates of the other kind keeps none)."""
+    positive, negative = same & valid, ~same & valid
+    largest_negative = sim.masked_fill(~negative, -math.inf).amax(1, keepdim=True)
+    smallest_positive = sim.masked_fill(~positive, math.inf).amin(1, keepdim=True)
+    return positive & (sim - margin < largest_negative), negative & (sim + margin > smallest_positive)
+
+
+@fp32
+def cbml_loss(query: torch.Tensor, query_labels: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor,
+              pos_a: float = 0.5, pos_b: float = 0.5, neg_a: float = 1.0, neg_b: float = 0.01,
+              margin: float = 0.1, variance_weight: float = 1.0, h: float = 0.1,
+              variance: str = "sum") -> torch.Tensor:
+    """The contrastive Bayesian (CBML) loss of Kan et al. ("Contrastive Bayesian Analysis for Supervised Deep
+    Metric Learning", the dissertation's [126]; defaults from the authors' public configuration) of unit
+    queries against keys (a memory), mean over the B queries. For query i, with cosine similarities s:
+
+      candidates: P_i = same label, s < 1 − 1e-5 (not the query itself); N_i = other labels
+      μ_i = h·mean_{P_i}(s) + (1 − h)·mean_{N_i}(s);  V_i = Σ_{N_i} (s − μ_i)²  (`variance="mean"`: the mean)
+      mined (MS rule, ε = margin): P̂_i = {p ∈ P_i: s_p − ε < max_{N_i} s}, N̂_i = {n ∈ N_i: s_n + ε > min_{P_i} s}
+      L_i = log(1 + Σ_{P̂_i} e^{−(s − a_p)/b_p}) + log(1 + Σ_{N̂_i} e^{(s − a_n)/b_n}) + w·V_i
+
+    a query without candidates of both kinds, or without mined pairs of both kinds, counts 0. The positive
+    and negative terms are the log-likelihood-ratio-shaped penalties of the two similarity distributions;
+    V_i the negatives' marginal variance around a point between the two class-conditional means."""
+    if variance not in ("sum", "mean"):
+        raise ValueError(f"cbml variance {variance!r}: use sum or mean")
+    sim = query @ keys.T
+    same = query_labels[:, None] == key_labels[None, :]
+    positive, negative = same & (sim < 1 - 1e-5), ~same
+    count_pos, count_neg = positive.sum(1), negative.sum(1)
+    mu = (h * (sim * positive).sum(1) / count_pos.clamp_min(1)
+          + (1 - h) * (sim * negative).sum(1) / count_neg.clamp_min(1))
+    spread = ((sim - mu[:, None]).square() * negative).sum(1)
+    if variance == "mean":
+        spread = spread / count_neg.clamp_min(1)
+    hard_pos, hard_neg = ms_mined_pairs(sim, same, positive | negative, margin)
+    pos_term = torch.nn.functional.softplus(((pos_a - sim) / pos_b).masked_fill(~hard_pos, -math.inf)
+                                            .logsumexp(1))
+    neg_term = torch.nn.functional.softplus(((sim - neg_a) / neg_b).masked_fill(~hard_neg, -math.inf)
+                                            .logsumexp(1))
+    active = (count_pos > 0) & (count_neg > 0) & hard_pos.any(1) & hard_neg.any(1)
+    per_query = torch.where(active, pos_term + neg_term + variance_weight * spread, torch.zeros_like(mu))
+    return per_query.sum() / len(query)
+
+
+def gradient_shares(terms: dict[str, torch.Tensor], wrt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each (already weighted) loss term's share of the summed gradient norms at `wrt` (an activation the
+    terms reach, e.g. the embeddings): ‖∂term/∂wrt‖ / Σ_terms ‖∂term/∂wrt‖. Keeps the graph (call before
+    the backward); a term that does not reach `wrt` has share 0. Shows whether a scaled term is alive."""
+    norms = {}
+    for name, term in terms.items():
+        grad = torch.autograd.grad(term, wrt, retain_graph=True, allow_unused=True)[0] if term.requires_grad else None
+        norms[name] = torch.zeros((), device=wrt.device) if grad is None else grad.detach().float().norm()
+    total = sum(norms.values()).clamp_min(1e-30)
+    return {name: norm / total for name, norm in norms.items()}
 
 
 @fp32

@@ -44,14 +44,26 @@ class IndexedMemory:
         """The bank rows' labels, read now from the module's pseudo labels."""
         return self.pseudo_labels[self.memory_index]
 
-    def ms_with_memory(self, z: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """(loss, terms): the MS loss of the batch ("ms") plus memory_weight x the MS loss of the batch against
-        the bank ("ms_memory", when memory_weight), with the module's `ms` settings (TAC-CCL, ROUL)."""
-        terms = {"ms": multi_similarity_loss(z, labels, **self.ms)}
-        loss = terms["ms"]
+    def own_copies(self, index: Tensor) -> Tensor:
+        """(B, M) bool: bank row m holds a copy of query b's own sample (same dataset index). After a refill
+        the FIFO overwrites from slot 0, so a stale copy of the query sits in the bank as a same-label
+        "positive" whose similarity only says how much the query changed since it was stored."""
+        return index.to(self.memory_index.device)[:, None] == self.memory_index[None, :]
+
+    def ms_with_memory(self, z: Tensor, labels: Tensor, index: Tensor | None = None,
+                       batch_term: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, terms): the MS loss of the batch ("ms", when `batch_term`) plus memory_weight x the MS loss
+        of the batch against the bank ("ms_memory", when memory_weight), with the module's `ms` settings
+        (TAC-CCL, ROUL). `index` (B,) the queries' dataset indices: their own copies in the bank are left
+        out (`own_copies`); None keeps them."""
+        terms, loss = {}, z.new_zeros(())
+        if batch_term:
+            terms["ms"] = multi_similarity_loss(z, labels, **self.ms)
+            loss = terms["ms"]
         if self.memory_weight:
+            exclude = None if index is None else self.own_copies(index)
             terms["ms_memory"] = multi_similarity_loss(z, labels, self.memory_embedding, self.memory_labels(),
-                                                       **self.ms)
+                                                       exclude=exclude, **self.ms)
             loss = loss + self.memory_weight * terms["ms_memory"]
         return loss, terms
 

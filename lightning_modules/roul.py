@@ -7,8 +7,14 @@ for an anchor A and items C_1..C_N the anti-symmetric order matrix Ô(n, m) ∈ 
 to A than C_m". Per anchor (view 0 of each batch item) the items are the other batch items' view 0 plus
 L self-augmentations of the anchor, and D(n, m) = d(A, C_n) − d(A, C_m) on the embedding:
 
-    F_γ:  L_MS + memory_weight L_MS(memory) + mv_weight V + w_roc(epoch) L_ROC      (Ô detached)
+    F_γ:  memory_weight L_MS(batch vs memory) + mv_weight V + w_roc(epoch) L_ROC    (Ô detached)
+          [+ L_MS(in-batch), `batch_ms`: not in Eq. 7, off in the paper configs]
     Φ_θ:  moc_weight L_MOC + order_weight L_O                                       (D and features detached)
+
+L_ROC and L_MOC are the paper's per-anchor sums over the N² pairs, averaged over the anchors
+(`order_reduction: anchor`), as Eq. 8 averages the per-anchor MS losses; the bank leaves out the query's own
+stale copy. Each term's share of its network's gradient is logged (train/grad_share/*). See
+docs/methods/roul.md for these choices and their evidence.
 
 One forward and one backward of the sum give each network exactly the gradient of its own losses (the
 detach rules), i.e. the spec's per-step alternation (FEN step with the current Φ as teacher, then the Φ
@@ -31,11 +37,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_modules.base import EmbeddingModule, hparam
-from lightning_modules.losses import fp32
+from lightning_modules.losses import fp32, gradient_shares
 from lightning_modules.memory import IndexedMemory
 from lightning_modules.tac_ccl import TransformRanges, sample_homographies, warp
 
 CORE_RULES = ("global", "per_cluster", "quantile")
+ORDER_REDUCTIONS = ("anchor", "batch_pairs", "sum")
 NONE, AUG, SAME, OTHER = 0, 1, 2, 3  # kinds of comparison item for L_O's targets
 
 
@@ -46,24 +53,41 @@ def distance_gaps(anchor: Tensor, items: Tensor) -> Tensor:
     return distance[:, :, None] - distance[:, None, :]
 
 
-@fp32
-def relative_order_consistency(orders: Tensor, gaps: Tensor, alpha: float) -> Tensor:
-    """L_ROC (Eq. 5 / (B N²)): mean of relu(Ô) exp(α D); Ô is a teacher (detached), D carries the gradient."""
-    return (orders.detach().clamp_min(0) * torch.exp(alpha * gaps)).mean()
+def reduce_orders(pairwise: Tensor, reduction: str = "anchor") -> Tensor:
+    """Reduce a (B, N, N) pairwise term of Eqs. 5-6. anchor: Σ over the N² pairs, mean over the B anchors
+    (the printed per-anchor sum, averaged like Eq. 8's MS term: independent of how many anchors a step
+    draws); sum: the printed Σ over anchors too (scales with B); batch_pairs: the mean over B·N² entries
+    (the old reading, N² ≈ 6,561 times smaller at N = 81: the terms are inert at the paper's weights)."""
+    if reduction == "anchor":
+        return pairwise.sum((1, 2)).mean()
+    if reduction == "sum":
+        return pairwise.sum()
+    if reduction == "batch_pairs":
+        return pairwise.mean()
+    raise ValueError(f"order_reduction {reduction!r}: use one of {', '.join(ORDER_REDUCTIONS)}")
 
 
 @fp32
-def metric_order_consistency(orders: Tensor, gaps: Tensor, beta: float = 0.1, sign: str = "magnitude") -> Tensor:
-    """L_MOC (Eq. 6 / (B N²)): mean of (1 − Ô) w relu(−D) with D detached, w = |log_β(1 − D)| on D < 0
-    (the printed log_0.1 is negative there and would push Ô the wrong way, spec A1; `sign="literal"` keeps
-    it for the ablation). The log reads 1 + relu(−D), never log(1 − D) masked: that is NaN for D ≥ 1."""
+def relative_order_consistency(orders: Tensor, gaps: Tensor, alpha: float, reduction: str = "anchor") -> Tensor:
+    """L_ROC (Eq. 5): relu(Ô) exp(α D) reduced by `reduce_orders`; Ô is a teacher (detached), D carries the
+    gradient."""
+    return reduce_orders(orders.detach().clamp_min(0) * torch.exp(alpha * gaps), reduction)
+
+
+@fp32
+def metric_order_consistency(orders: Tensor, gaps: Tensor, beta: float = 0.1, sign: str = "magnitude",
+                             reduction: str = "anchor") -> Tensor:
+    """L_MOC (Eq. 6): (1 − Ô) w relu(−D) reduced by `reduce_orders`, D detached, w = |log_β(1 − D)| on D < 0
+    (the printed log_0.1 is negative there and would push Ô the wrong way, see docs/methods/roul.md;
+    `sign="literal"` keeps it for the ablation). The log reads 1 + relu(−D), never log(1 − D) masked: that
+    is NaN for D ≥ 1."""
     closer = (-gaps.detach()).clamp_min(0)
     weight = torch.log1p(closer) / math.log(beta)
     if sign == "magnitude":
         weight = weight.abs()
     elif sign != "literal":
         raise ValueError(f"moc_sign {sign!r}: use magnitude or literal")
-    return ((1 - orders) * weight * closer).mean()
+    return reduce_orders((1 - orders) * weight * closer, reduction)
 
 
 @fp32
@@ -222,8 +246,11 @@ class ROUL(IndexedMemory, EmbeddingModule):
     """ROUL on P x K batches over k-means pseudo labels (needs the KMeansPseudoLabels callback).
 
     ms_alpha, ms_beta, ms_threshold, ms_margin: MS λ_P, λ_N, δ and the miner's ε (paper: 2, 40, 0.5; MS 0.1).
-    memory_weight: the batch-vs-memory MS term (0 = no memory bank). mv_weight, mv_h: the marginal-variance
-      term and its h.
+    memory_weight: the batch-vs-memory MS term of Eq. 7 (0 = no memory bank); the query's own copies in the
+      bank are left out. batch_ms: add the in-batch MS term too (not in Eq. 7; the paper configs leave it
+      off). mv_weight, mv_h: the marginal-variance term and its h.
+    order_reduction: how L_ROC and L_MOC reduce their (B, N, N) terms (`reduce_orders`; anchor = the
+      paper's per-anchor sums averaged over the anchors, batch_pairs = the old mean over B·N²).
     roc_weight, roc_alpha, roc_warmup_epochs: L_ROC's weight and α, and the epochs it is held at 0 while
       Φ learns from L_O + L_MOC.
     moc_weight, moc_beta, moc_sign: L_MOC's weight, log base β and `magnitude` (|log_β|) or `literal`.
@@ -235,8 +262,8 @@ class ROUL(IndexedMemory, EmbeddingModule):
     center_features: BatchNorm without affine on the pooled features (from scratch: see tac_ccl/digits.yaml).
     views_forward: `separate` runs view 0 alone and then the self-aug views, so BatchNorm, where it trains,
       normalises the MS loss's view by its own statistics as in the Baseline; `joint` is one forward over all
-      views (the same where BN is frozen). On digits from scratch (5 seeds) `joint` gave NMI 57.1, R@1 96.2;
-      `separate` 61.0, 96.8; the Baseline (one view, no Φ) 62.6, 96.9.
+      views (the same where BN is frozen). On digits from scratch (5 seeds, before the issue-22 fixes)
+      `joint` gave NMI 57.1, R@1 96.2; `separate` 61.0, 96.8; the Baseline (one view, no Φ) 62.6, 96.9.
     seed: with global_step and rank, seeds each step's self-augmentations and anchor draw.
     """
 
@@ -248,7 +275,7 @@ class ROUL(IndexedMemory, EmbeddingModule):
                  core_fraction: float = 0.3, self_augment: SelfAugment | None = None, order_hidden: int = 512,
                  order_pair_dim: int = 256, order_head_dim: int = 128, roc_anchors: int = 0,
                  rop_backprop_backbone: bool = False, center_features: bool = False, views_forward: str = "separate",
-                 seed: int = 0, **kwargs):
+                 seed: int = 0, batch_ms: bool = False, order_reduction: str = "anchor", **kwargs):
         super().__init__(**kwargs)
         if core_rule not in CORE_RULES:
             raise ValueError(f"core_rule {core_rule!r}: use one of {', '.join(CORE_RULES)}")
@@ -256,7 +283,12 @@ class ROUL(IndexedMemory, EmbeddingModule):
             raise ValueError(f"moc_sign {moc_sign!r}: use magnitude or literal")
         if views_forward not in ("separate", "joint"):
             raise ValueError(f"views_forward {views_forward!r}: use separate or joint")
+        if order_reduction not in ORDER_REDUCTIONS:
+            raise ValueError(f"order_reduction {order_reduction!r}: use one of {', '.join(ORDER_REDUCTIONS)}")
+        if not (batch_ms or memory_weight):
+            raise ValueError("no metric loss: with memory_weight 0 set batch_ms true (the in-batch MS term)")
         order_table(other_other)  # validates
+        self.batch_ms, self.order_reduction = batch_ms, order_reduction
         self.ms = {"alpha": ms_alpha, "beta": ms_beta, "threshold": ms_threshold, "margin": ms_margin}
         self.memory_weight, self.mv_weight, self.mv_h = memory_weight, mv_weight, mv_h
         self.roc_weight, self.roc_alpha, self.roc_warmup_epochs = roc_weight, roc_alpha, roc_warmup_epochs
@@ -340,11 +372,28 @@ class ROUL(IndexedMemory, EmbeddingModule):
         targets, mask = order_targets(kinds, self.other_other)
         signed = mask.bool() & (targets != 0)
         agree = ((orders.detach() > 0) == (targets > 0)) & signed
-        return {"roc": relative_order_consistency(orders, gaps, self.roc_alpha),
-                "moc": metric_order_consistency(orders, gaps, self.moc_beta, self.moc_sign),
-                "order": order_loss(orders, targets, mask),
+        return {"roc": relative_order_consistency(orders, gaps, self.roc_alpha, self.order_reduction),
+                "moc": metric_order_consistency(orders, gaps, self.moc_beta, self.moc_sign, self.order_reduction),
+                "order": order_loss(orders, targets, mask), "orders": orders,
                 "order_accuracy": agree.sum() / signed.sum().clamp_min(1),
                 "order_pairs": mask.sum() / len(anchors), "batch_core_share": core.float().mean()}
+
+    def weighted_terms(self, terms: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The loss terms as they enter the sum, split by the network they train: (F_γ's, Φ's)."""
+        weights = {"ms": 1.0, "ms_memory": self.memory_weight, "mv": self.mv_weight, "roc": self.roc_weight_now(),
+                   "moc": self.moc_weight, "order": self.order_weight}
+        embedding = {k: weights[k] * terms[k] for k in ("ms", "ms_memory", "mv", "roc") if k in terms}
+        phi = {k: weights[k] * terms[k] for k in ("moc", "order") if k in terms}
+        return embedding, phi
+
+    def gradient_shares(self, terms: dict[str, Tensor], z: Tensor, orders: Tensor | None) -> dict[str, Tensor]:
+        """Each weighted term's share of F_γ's gradient at the embeddings z (all views) and of Φ's at its
+        output Ô: shows that no term is scaled to nothing."""
+        embedding, phi = self.weighted_terms(terms)
+        shares = gradient_shares(embedding, z)
+        if orders is not None:
+            shares.update(gradient_shares(phi, orders))
+        return shares
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if len(self.pseudo_labels) == 0:
@@ -367,11 +416,12 @@ class ROUL(IndexedMemory, EmbeddingModule):
         if not self.rop_backprop_backbone:
             u = u.detach()
         z0 = z[:len(images)]
-        loss, terms = self.ms_with_memory(z0, labels)
+        loss, terms = self.ms_with_memory(z0, labels, index, self.batch_ms)
         if self.mv_weight:
             terms["mv"] = marginal_variance(z0, labels, self.mv_h)
             loss = loss + self.mv_weight * terms["mv"]
         diagnostics = {k: torch.tensor(v, device=z0.device) for k, v in self.core_stats.items()}
+        orders = None
         if self.uses_orders:
             order = self.order_terms(z, u, labels, index, generator)
             terms.update({k: order[k] for k in ("roc", "moc", "order")})
@@ -379,6 +429,9 @@ class ROUL(IndexedMemory, EmbeddingModule):
             diagnostics["roc_weight"] = torch.tensor(self.roc_weight_now(), device=z0.device)
             loss = (loss + self.roc_weight_now() * terms["roc"] + self.moc_weight * terms["moc"]
                     + self.order_weight * terms["order"])
+            orders = order["orders"]
+        if torch.is_grad_enabled():
+            diagnostics.update({f"grad_share/{k}": v for k, v in self.gradient_shares(terms, z, orders).items()})
         if self.memory_weight:
             self.enqueue(z0.detach(), index)  # after the memory term: the bank is read before it changes
         self.log_terms({"loss": loss, **terms, **diagnostics}, embedding=z0)

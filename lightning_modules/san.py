@@ -155,6 +155,7 @@ class SpatialAssembly(nn.Module):
         nn.init.zeros_(self.phi[-1].bias)
         self.beta = nn.Parameter(torch.tensor(float(self.config.beta0)))
         self.last: tuple[Tensor, Tensor] | None = None
+        self.eval_counts = torch.zeros(3)  # moved points, diagonal mass, points over eval forwards
 
     def weights(self, fmap: Tensor) -> Tensor:
         """w (B, N, N), fp32."""
@@ -171,7 +172,27 @@ class SpatialAssembly(nn.Module):
             return fmap + self.phi(fmap.detach() if self.config.detach_input else fmap)
         w = self.weights(fmap)
         self.last = (w, fmap) if self.training and torch.is_grad_enabled() else None
+        if not self.training:
+            self.count_eval(w)
         return assemble(w, fmap)
+
+    def reset_eval_counts(self) -> None:
+        self.eval_counts = torch.zeros(3)
+
+    @torch.no_grad()
+    def count_eval(self, w: Tensor) -> None:
+        """Accumulate (moved output points, diagonal mass, points) over eval forwards (`eval_summary`)."""
+        diag = assembly_diagnostics(w)
+        points = float(w.shape[0] * w.shape[-1])
+        counts = torch.stack([diag["san_moved"].cpu() * points, diag["san_diagonal"].cpu() * points,
+                              torch.tensor(points)])
+        self.eval_counts = self.eval_counts + counts
+
+    def eval_summary(self) -> dict[str, float]:
+        """Share of output points whose argmax input is another point, and the mean diagonal mass, over the
+        eval forwards since `reset_eval_counts` (the assembly on held-out images)."""
+        moved, diagonal, points = self.eval_counts.tolist()
+        return {"val/san_moved": moved / points, "val/san_diagonal": diagonal / points} if points else {}
 
 
 def stage_shape(trunk: nn.Module, stage: str, in_chans: int, image_size: int) -> tuple[int, int, int]:
@@ -199,11 +220,12 @@ class SAN(MetricLearning):
     """MetricLearning with a SpatialAssembly after `assembly.stage` and its regularisers.
 
     assembly: `Assembly` (enabled false = the baseline without SAN). entropy_weight, correlation_weight,
-    coherence_weight: λ1, λ2, λ3 (spec [R] 0.1 each). The module is built in `setup`, where the datamodule's
-    image size gives N; `insert_assembly(image_size)` does it outside a Trainer.
+    coherence_weight: λ1, λ2, λ3 (0.01, 0.1, 0.1: at λ1 = 0.1 the entropy's gradient holds the assembly at
+    its identity start even where moving pays; see docs/methods/san.md). The module is built in `setup`,
+    where the datamodule's image size gives N; `insert_assembly(image_size)` does it outside a Trainer.
     """
 
-    def __init__(self, assembly: Assembly | None = None, entropy_weight: float = 0.1,
+    def __init__(self, assembly: Assembly | None = None, entropy_weight: float = 0.01,
                  correlation_weight: float = 0.1, coherence_weight: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.assembly = assembly or Assembly()
@@ -239,6 +261,15 @@ class SAN(MetricLearning):
         if checkpoint.get("san_image_size") is not None:
             self.insert_assembly(checkpoint["san_image_size"])
         super().on_load_checkpoint(checkpoint)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.san is not None:
+            self.san.reset_eval_counts()
+
+    def validation_extras(self) -> dict[str, float]:
+        """val/san_moved and val/san_diagonal over this validation's forwards (the evaluator adds them to
+        the run's metrics, so final_metrics.json reports whether the assembly left the identity)."""
+        return self.san.eval_summary() if self.san is not None else {}
 
     def regularisers(self) -> dict[str, Tensor]:
         """E, C and L_LC of the last training forward (empty without SAN or for the control)."""

@@ -31,7 +31,9 @@ from torch import Tensor
 from callbacks.features import extract_features
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.losses import (
+    cbml_loss,
     contrastive_memory_loss,
+    gradient_shares,
     multi_similarity_loss,
     proxy_anchor,
     proxy_anchor_loss,
@@ -39,7 +41,7 @@ from lightning_modules.losses import (
 from lightning_modules.memory import IndexedMemory
 
 LOSSES = ("ms", "proxy_anchor")
-MEMORY_LOSSES = ("contrastive", "ms")
+MEMORY_LOSSES = ("cbml", "contrastive", "ms")
 LABEL_SOURCES = ("target", "pseudo")
 
 
@@ -49,15 +51,17 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
     loss: ms | proxy_anchor. ms_alpha, ms_beta, ms_threshold, ms_margin: MS α, β, λ, ε (MS code: 2, 40,
       0.5, 0.1). pa_alpha, pa_margin: Proxy-Anchor α, δ (PA code: 32, 0.1). num_classes: the proxies' count
       (None: the training split's class count).
-    memory_weight: weight of the memory term (0 = no memory, no key network); memory_loss: contrastive
-      (XBM's, margin `memory_margin`) | ms; the key network's EMA momentum m is the base's `ema_decay`.
+    memory_weight: weight of the memory term (0 = no memory, no key network); memory_loss: cbml (the
+      contrastive Bayesian loss the dissertation cites as [126], `losses.cbml_loss`; its variance term over
+      the queue summed or averaged, `cbml_variance`) | contrastive (XBM's, margin `memory_margin`) | ms; the
+      key network's EMA momentum m is the base's `ema_decay`. See docs/methods/san.md.
     labels: target | pseudo (see the module docstring).
     """
 
     def __init__(self, loss: str = "ms", ms_alpha: float = 2.0, ms_beta: float = 40.0, ms_threshold: float = 0.5,
                  ms_margin: float = 0.1, pa_alpha: float = 32.0, pa_margin: float = 0.1,
                  num_classes: int | None = None, memory_weight: float = 1.0, memory_loss: str = "contrastive",
-                 memory_margin: float = 0.5, labels: str = "target", **kwargs):
+                 memory_margin: float = 0.5, labels: str = "target", cbml_variance: str = "sum", **kwargs):
         super().__init__(**kwargs)
         for name, value, allowed in (("loss", loss, LOSSES), ("memory_loss", memory_loss, MEMORY_LOSSES),
                                      ("labels", labels, LABEL_SOURCES)):
@@ -68,7 +72,9 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
         self.loss_name, self.labels_from, self.memory_loss = loss, labels, memory_loss
         self.pa = {"alpha": pa_alpha, "margin": pa_margin}
         self.ms = {"alpha": ms_alpha, "beta": ms_beta, "threshold": ms_threshold, "margin": ms_margin}
-        self.memory_weight, self.memory_margin = memory_weight, memory_margin
+        if cbml_variance not in ("sum", "mean"):
+            raise ValueError(f"cbml_variance {cbml_variance!r}: use sum or mean")
+        self.memory_weight, self.memory_margin, self.cbml_variance = memory_weight, memory_margin, cbml_variance
         self.proxies: torch.nn.Module | None = None
         if loss == "proxy_anchor" and num_classes is not None:
             self.proxies = proxy_anchor_loss(num_classes, embedding_dim(self), **self.pa)
@@ -164,14 +170,23 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
         if self.memory_weight:
             keys = self.key_embed(images)
             queue_labels = self.memory_labels()
-            if self.memory_loss == "contrastive":
+            if self.memory_loss == "cbml":
+                terms["memory"] = cbml_loss(z, labels, self.memory_embedding, queue_labels,
+                                            variance=self.cbml_variance)
+            elif self.memory_loss == "contrastive":
                 terms["memory"] = contrastive_memory_loss(z, labels, self.memory_embedding, queue_labels,
                                                           self.memory_margin)
             else:
                 terms["memory"] = multi_similarity_loss(z, labels, self.memory_embedding, queue_labels, **self.ms)
             loss = loss + self.memory_weight * terms["memory"]
             self.enqueue(keys, index)
+        if self.memory_weight and torch.is_grad_enabled():
+            weighted = {k: v * (self.memory_weight if k == "memory" else 1.0) for k, v in terms.items()}
+            logged_shares = {f"grad_share/{k}": v for k, v in gradient_shares(weighted, z).items()}
+        else:
+            logged_shares = {}
         extra, logged = self.extra_loss()
+        logged = {**logged, **logged_shares}
         if extra is not None:
             loss = loss + extra
         self.log_terms({"loss": loss, **terms, **logged}, embedding=z)

@@ -204,7 +204,12 @@ ROUL = {"model.embedding_dim": 128, "model.ms_alpha": 2.0, "model.ms_beta": 40.0
         "model.core_fraction": 0.3, "model.self_augment.views": 2, "model.optim.name": "adam",
         "model.optim.weight_decay": 5e-4, "model.schedule.name": "step", "model.schedule.factors": [0.1],
         "data.batch_size": 80, "data.samples_per_class": 5, "evaluation.refine_alpha": 10.0,
-        "evaluation.refine_lambda": 1.0}
+        "evaluation.refine_lambda": 1.0,
+        # roul.md §3.4 (Eq. 7: the batch against the bank, no in-batch term; the bank leaves out the query) and
+        # §3.6-3.7 (A14: Eqs. 5-6 per-anchor sums, averaged over anchors; docs/methods/roul.md)
+        "model.memory_weight": 1.0, "model.batch_ms": False, "model.order_reduction": "anchor",
+        "model.moc_sign": "magnitude", "model.roc_warmup_epochs": 1, "model.other_other": "masked",
+        "model.core_rule": "global", "model.rop_backprop_backbone": False}
 ROUL_GOOGLENET = {**ROUL, "model.backbone": "googlenet", "model.pretrained": True, "model.frozen_bn": True,
                   "model.optim.lr": 3e-5, "model.optim.lr_mult": {"order_head": 3.3333333333}, "data.image_size": 227}
 ROUL_FINE = {**ROUL_GOOGLENET, "trainer.max_epochs": 60, "model.schedule.milestones": [40],

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from lightning_modules.backbones import build_backbone
-from lightning_modules.losses import contrastive_memory_loss
+from lightning_modules.losses import cbml_loss, contrastive_memory_loss
 from lightning_modules.san import (
     SAN,
     Assembly,
     SpatialAssembly,
     assemble,
     assembly_correlation,
+    assembly_diagnostics,
     assembly_entropy,
     local_coherence,
     normalize_assembly,
@@ -204,7 +205,7 @@ def test_training_step_logs_every_regulariser_and_adds_them_weighted():
     batch = {"views": [torch.randn(8, 1, 8, 8)], "index": torch.arange(8), "target": torch.arange(8) % 4}
     model.train()
     loss = model.training_step(batch, 0)
-    reg = sum(w * logged[f"san_{k}"] for k, w in (("entropy", 0.1), ("correlation", 0.1), ("coherence", 0.1)))
+    reg = sum(w * logged[f"san_{k}"] for k, w in model.lambdas.items())
     assert loss.item() == pytest.approx((logged["proxy_anchor"] + reg).item(), rel=1e-5)
     assert {"san_diagonal", "san_moved", "san_row_sum_std", "san_beta", "san_loss"} <= set(logged)
     loss.backward()
@@ -241,6 +242,99 @@ def test_contrastive_memory_loss_by_hand():
     # q1 (class 1): k0 negative s = 0 (inactive), k1 negative 0.8 - 0.5, k2 positive 1 - 0.6
     loss = contrastive_memory_loss(query, torch.tensor([0, 1]), keys, torch.tensor([0, 0, 1]))
     assert loss.item() == pytest.approx((0.4 + 0.3 + 0.3 + 0.4) / 2)
+
+
+def unit(s: float) -> list[float]:
+    """A 2-d unit key at cosine s to the query (1, 0)."""
+    return [s, math.sqrt(1 - s * s)]
+
+
+def test_cbml_memory_loss_by_hand():
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    keys = torch.tensor([[1.0, 0.0], unit(0.8), unit(0.3), unit(0.5), unit(-0.2)])
+    key_labels = torch.tensor([0, 0, 0, 1, 1])
+    # q0 (class 0): k0 is itself (s = 1, left out); P = {0.8, 0.3}, N = {0.5, -0.2}
+    # mu = 0.1 * 0.55 + 0.9 * 0.15 = 0.19; V = (0.5 - 0.19)^2 + (-0.2 - 0.19)^2 = 0.2482
+    # mined: positives with s - 0.1 < 0.5 -> {0.3}; negatives with s + 0.1 > 0.3 -> {0.5}
+    # L_0 = log(1 + e^{-(0.3 - 0.5)/0.5}) + log(1 + e^{(0.5 - 1)/0.01}) + V; q1 (class 2) has no positive: 0
+    expected = math.log1p(math.exp(0.4)) + math.log1p(math.exp(-50)) + 0.2482
+    loss = cbml_loss(query, torch.tensor([0, 2]), keys, key_labels)
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
+    mean = cbml_loss(query, torch.tensor([0, 2]), keys, key_labels, variance="mean")
+    assert mean.item() == pytest.approx((expected - 0.2482 / 2) / 2, rel=1e-5)
+
+
+def test_the_paper_memory_term_is_cbml_and_its_gradient_share_is_logged():
+    torch.manual_seed(0)
+    model = MetricLearning(backbone="small_cnn", in_chans=1, embedding_dim=8, labels="pseudo", memory_loss="cbml")
+    model.set_pseudo_labels(torch.arange(16) % 4, torch.zeros(4, 8),
+                            embedding=torch.nn.functional.normalize(torch.randn(16, 8), dim=1))
+    logged = {}
+    model.log_terms = lambda terms, embedding=None: logged.update(terms)
+    batch = {"views": [torch.randn(8, 1, 8, 8)], "index": torch.arange(8), "target": torch.full((8,), -1)}
+    model.train()
+    loss = model.training_step(batch, 0)
+    assert loss.item() == pytest.approx((logged["ms"] + logged["memory"]).item(), rel=1e-5)
+    assert logged["memory"] > 0
+    assert (logged["grad_share/ms"] + logged["grad_share/memory"]).item() == pytest.approx(1.0)
+    assert logged["grad_share/memory"] > 0.05
+    with pytest.raises(ValueError, match="cbml_variance"):
+        MetricLearning(backbone="small_cnn", in_chans=1, embedding_dim=8, cbml_variance="max")
+
+
+def positional_flip_batch(batch: int = 16, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A map whose channels say where each point is (one-hot positions) plus 4 noise channels; the
+    target is the map mirrored left-right, which only moving points can produce."""
+    n = size * size
+    positions = torch.eye(n).view(n, size, size).expand(batch, n, size, size)
+    fmap = torch.cat([torch.randn(batch, 4, size, size), positions], 1)
+    return fmap, fmap.flip(-1)
+
+
+def train_to_flip(lambdas: dict[str, float], steps: int = 150) -> tuple[float, float, float]:
+    """(first task loss, last task loss, share of moved output points) of a SpatialAssembly at its identity
+    start (β0 = 8, learnable), trained with Adam on ‖G − mirror(F)‖² + Σ λ·regulariser."""
+    torch.manual_seed(0)
+    module = SpatialAssembly(20, 4, 4, Assembly(stage="x", hidden=32))
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    first = None
+    for _ in range(steps):
+        fmap, target = positional_flip_batch()
+        task = (module(fmap) - target).square().mean()
+        w = module.last[0]
+        regs = {"entropy": assembly_entropy(w), "correlation": assembly_correlation(w),
+                "coherence": local_coherence(w, fmap)}
+        loss = task + sum(lambdas[k] * v for k, v in regs.items())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        first = task.item() if first is None else first
+    return first, task.item(), assembly_diagnostics(w)["san_moved"].item()
+
+
+def test_the_assembly_leaves_its_identity_start_where_moving_pays():
+    """With the shipped λ's the assembly learns to move points (measured: 70% moved, task loss 0.50 ->
+    0.19); at λ1 = 0.1 the entropy term pins it at the identity (0% moved, loss stays 0.52)."""
+    first, last, moved = train_to_flip(small_san().lambdas)
+    assert moved > 0.4 and last < 0.6 * first
+    _, pinned_last, pinned = train_to_flip({**small_san().lambdas, "entropy": 0.1})
+    assert pinned == 0.0 and pinned_last > 0.9 * first
+
+
+def test_the_share_of_moved_points_is_reported_by_validation():
+    model = small_san()
+    model.eval()
+    model.on_validation_epoch_start()
+    assert model.validation_extras() == {}
+    with torch.no_grad():
+        model(torch.randn(4, 1, 8, 8))
+    assert model.validation_extras()["val/san_moved"] == 0.0  # identity start
+    assert model.validation_extras()["val/san_diagonal"] > 0.99
+    model.san.beta.data.fill_(-20.0)  # a prior against staying: every point moves
+    model.on_validation_epoch_start()
+    with torch.no_grad():
+        model(torch.randn(4, 1, 8, 8))
+    assert model.validation_extras()["val/san_moved"] == 1.0
 
 
 def test_bench_times_san_and_the_bare_backbone_on_the_same_batch():

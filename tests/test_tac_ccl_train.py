@@ -6,11 +6,10 @@ import json
 import math
 from pathlib import Path
 
-from experiments.seeds import TEST_BUDGET
+from experiments.seeds import ONE_STEP, TEST_BUDGET, steps_run
 from experiments.train import RUN_DIR_ENV, main
 
 CONFIGS = "experiments/configs"
-ONE_STEP = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
 # Seeds 0-4 (seed_everything, model.seed and the k-means seed together), OMP_NUM_THREADS=1; per-seed gains
 # of the last epoch over the one-step network: docs/methods/tac_ccl.md. The margins sit under the worst seed.
 R1_GAIN, NMI_GAIN = 1.0, 3.0
@@ -27,6 +26,7 @@ def run(tmp_path: Path, name: str, *flags: str) -> dict:
 def test_tac_ccl_digits_config_learns_beyond_one_training_step(tmp_path, monkeypatch):
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     full, one_step = run(tmp_path, "full"), run(tmp_path, "one_step", *ONE_STEP)
+    assert steps_run(one_step["dir"]) == 1
     final, reference = full["final"], one_step["final"]
     assert {"val/recall@1", "val/nmi"} <= set(final) and set(final) == set(reference)
     assert all(math.isfinite(v) for v in final.values())

@@ -41,7 +41,7 @@ from callbacks.features import extract_features, own_random_stream
 from callbacks.sample_discovery import class_centers
 from callbacks.search import lloyd
 from lightning_modules.losses import fp32
-from lightning_modules.semi import Classifier, SemiSupervised, frozen_copy, sharpen, softmax_mse
+from lightning_modules.semi import Classifier, SemiSupervised, frozen_copy, sharpen, softmax_mse, untracked_batchnorm
 from lightning_modules.snowball import Curriculum
 
 GUIDANCE = ("label_guess", "extra_mse", "none")
@@ -69,22 +69,6 @@ def discriminative_power(features: Tensor, centers: Tensor, mode: str = "ratio")
     if mode == "literal":
         return (d0 - d1).pow(2).mean()
     return -(d1 - d0).mean()
-
-
-@contextlib.contextmanager
-def untracked_batchnorm(*modules: nn.Module):
-    """Every BatchNorm in training mode normalises with the batch's statistics and leaves its running ones
-    (and batch count) as they were; one in eval mode keeps using its running statistics. MixMatch guesses
-    labels this way [C]: its guess pass runs in training mode and its BN updates are skipped."""
-    norms = [m for module in modules for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ logits as "logits" (val/error) and every model's as "logits_<name>".
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -98,6 +99,24 @@ def ema_decay_at(step: int, decay: float, rampup_decay: float, rampup_steps: int
     `decay` after (a hard switch, MT-TF), capped by 1 - 1/(step + 1) so the first steps average."""
     alpha = rampup_decay if step < rampup_steps else decay
     return min(1.0 - 1.0 / (step + 1), alpha)
+
+
+@contextlib.contextmanager
+def untracked_batchnorm(*modules: nn.Module):
+    """Every BatchNorm in training mode normalises with the batch's statistics and leaves its running ones
+    (and batch count) as they were; one in eval mode keeps using its running statistics. MixMatch guesses
+    labels this way: its guess pass runs in training mode and its code keeps only the BN updates of the
+    training forward (see docs/methods/lmcs.md). The one owner of the rule: the base's label guess and
+    LMCS's master use it."""
+    norms = [m for module in modules for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 # -- models --------------------------------------------------------------------------------------------
@@ -274,8 +293,11 @@ class SemiSupervised(EmbeddingModule):
     @torch.no_grad()
     def label_guess(self, views: list[Tensor]) -> Tensor:
         """MixMatch's guessed distribution for the unlabeled rows: the student's mean prediction over the
-        K views, sharpened. A method that guesses with another model (LMCS's master) overrides this."""
-        mean_probs = torch.stack([self(v).float().softmax(dim=1) for v in views]).mean(dim=0)
+        K views, sharpened. A method that guesses with another model (LMCS's master) overrides this. The pass
+        normalises with each view's batch statistics and leaves the running ones alone: only the training
+        forward of the mixed batch moves them, as in MixMatch's code (see docs/methods/lmcs.md)."""
+        with untracked_batchnorm(self.trunk, self.head):
+            mean_probs = torch.stack([self(v).float().softmax(dim=1) for v in views]).mean(dim=0)
         return sharpen(mean_probs, self.sharpen_temperature)
 
     def mixmatch_terms(self, labeled: dict, unlabeled: dict, guess: Tensor | None = None) -> dict[str, Tensor]:

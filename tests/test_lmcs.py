@@ -22,8 +22,8 @@ from callbacks.sample_discovery import (
 from datamodules.digits import DigitsDataModule
 from experiments.seeds import TEST_BUDGET
 from experiments.train import RUN_DIR_ENV, main
-from lightning_modules.lmcs import LMCS, VERSIONS, compose, discriminative_power, untracked_batchnorm
-from lightning_modules.semi import SemiSupervised
+from lightning_modules.lmcs import LMCS, VERSIONS, compose, discriminative_power
+from lightning_modules.semi import SemiSupervised, untracked_batchnorm
 from lightning_modules.snowball import Curriculum
 
 CONFIGS = "experiments/configs"

@@ -119,6 +119,25 @@ def untracked_batchnorm(*modules: nn.Module):
             m.track_running_stats = True
 
 
+@contextlib.contextmanager
+def batch_statistics(*modules: nn.Module):
+    """Every BatchNorm normalises with the batch's statistics, in training or evaluation mode, and leaves its
+    running ones as they were (`untracked_batchnorm`); every other layer keeps its mode, so dropout and noise
+    stay off in evaluation. LMCS's master is trained on features normalised this way, so its J_D centres and
+    its evaluation use them too (see docs/methods/lmcs.md)."""
+    norms = [m for module in modules for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    flags = [m.training for m in norms]
+    for m in norms:
+        m.train()
+    try:
+        with untracked_batchnorm(*modules):
+            yield
+    finally:
+        for m, flag in zip(norms, flags):
+            m.training = flag
+
+
 # -- models --------------------------------------------------------------------------------------------
 class Classifier(nn.Module):
     """trunk -> class logits, plus a consistency head where the network has two (MT's ResNet-26): the

@@ -47,20 +47,23 @@ def test_compose_sums_the_converted_features_by_hand():
     assert compose(h, converters).tolist() == [[7.0, 7.0]]
 
 
-def test_composed_master_equals_the_hand_combined_weighted_features():
+@pytest.mark.parametrize("master_bn", ["batch", "running"])
+def test_composed_master_equals_the_hand_combined_weighted_features(master_bn):
+    """The evaluated master normalises as it trains (master_bn): batch statistics or the running ones."""
     torch.manual_seed(0)
-    model = small_lmcs()
+    model = small_lmcs(master_bn=master_bn)
     with torch.no_grad():  # three different students and a non-trivial composition
         for p in [*model.previous.parameters(), *model.teacher.parameters(), *model.lmc_ema.parameters()]:
             p.add_(0.1 * torch.randn_like(p))
-    model.train()
+    model.eval()  # as in validation
     x = torch.randn(5, 1, 8, 8)
     logits, _ = model.master(x)
-    assert model.trunk.training  # the live student is back in train mode afterwards
+    assert not model.trunk.training  # every mode as it was
     with torch.no_grad():
         expected = model.lmc_ema.decision.bias.clone()
         for version, convert in zip(VERSIONS, model.lmc_ema.converters):
-            trunk = copy.deepcopy(getattr(model, version).trunk).eval()  # eval-mode BN: running statistics
+            # batch: training-mode BN of a copy (the batch's statistics); running: eval-mode BN
+            trunk = copy.deepcopy(getattr(model, version).trunk).train(master_bn == "batch")
             expected = expected + (trunk(x) @ convert.weight.T + convert.bias) @ model.lmc_ema.decision.weight.T
     assert torch.allclose(logits, expected, atol=1e-5)
     # at initialisation the converters are I / 3 with no bias: z is the mean of the three features
@@ -89,6 +92,30 @@ def test_a_master_update_leaves_every_student_parameter_and_bn_statistic_unchang
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert changed == []  # parameters, running means / variances and batch counts of all three students
     assert any(not torch.equal(a, b) for a, b in zip(lmc_before, model.lmc.parameters()))
+
+
+def test_the_jd_centres_cluster_the_features_jd_trains_on():
+    """The k-means feature pass runs with the module in eval mode (extract_features); with master_bn batch it
+    must still see the batch-statistic features that J_D is computed on in training, and move no BN
+    statistic (before: the running statistics, another feature space)."""
+    torch.manual_seed(0)
+    model = small_lmcs(master_bn="batch")
+    with torch.no_grad():
+        for p in [*model.previous.parameters(), *model.teacher.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.add_(0.5)  # running statistics far from any batch's
+    x = torch.randn(16, 1, 8, 8)
+    model.train()
+    trained_on = compose(model.composed_trunk(ema=False).student_features(x), model.lmc.converters)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        clustered = model.composed_trunk(ema=False)(x)
+    assert torch.allclose(clustered, trained_on, atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    assert not any(m.training for m in model.modules())  # modes restored
 
 
 def test_discriminative_power_modes_by_hand():

@@ -275,3 +275,51 @@ def test_untracked_batchnorm_normalises_with_the_batch_and_keeps_the_running_sta
     assert live.training and live.track_running_stats and not frozen.training
     live(x)  # outside: a normal training step moves the running mean again
     assert live.running_mean.item() == pytest.approx(0.9 * 10.0 + 0.1 * 2.0)
+
+
+def effective_value(table, row, flag: str, config_value):
+    """A row's value of `--<flag>`: the last of the table's then the row's arguments (reproduce's order),
+    else the config's."""
+    given = [a.split("=", 1)[1] for a in [*table.args, *row.args] if a.startswith(f"--{flag}=")]
+    return given[-1] if given else config_value
+
+
+def lmcs_table_rows():
+    import yaml
+
+    from experiments.reproduce import CONFIGS, TABLES, load_table, row_config
+
+    for path in sorted(TABLES.glob("lmcs-table3.*.yaml")):
+        if path.stem.endswith("-digits"):
+            continue  # the digits table pairs MixMatch and LMCS on one budget: no paper length applies
+        table = load_table(path)
+        for row in table.rows:
+            config = yaml.safe_load((CONFIGS / row_config(table, row)).read_text())
+            discovery = next(c["init_args"] for c in config["trainer"]["callbacks"]
+                             if c["class_path"].endswith("CriticalSampleDiscovery"))
+            values = {"max_epochs": config["trainer"]["max_epochs"], "guidance": config["model"]["init_args"]["guidance"],
+                      "mode": discovery["mode"], "lookahead": discovery["lookahead"],
+                      "generations": config["model"]["init_args"]["curriculum"]["generations"]}
+            flags = {"max_epochs": "trainer.max_epochs", "guidance": "model.init_args.guidance",
+                     "mode": "trainer.callbacks.init_args.mode", "lookahead": "trainer.callbacks.init_args.lookahead",
+                     "generations": "model.init_args.curriculum.generations"}
+            yield path.stem, row.name, {k: str(effective_value(table, row, flags[k], v)).lower()
+                                        for k, v in values.items()}
+
+
+def test_the_mixmatch_baseline_rows_run_mixmatchs_own_length():
+    """MixMatch's numbers (and the chapter's "w/o LMC") are 1,024-epoch (2^20-step) runs: a row with neither
+    guidance nor discovery runs 1,024 epochs, not LMCS's 1,024 + 4 x 200."""
+    baselines = [(table, name, v["max_epochs"]) for table, name, v in lmcs_table_rows()
+                 if v["guidance"] == "none" and v["mode"] == "none"]
+    assert len(baselines) == 16
+    assert [b for b in baselines if b[2] != "1024"] == []
+
+
+def test_a_single_generation_gives_its_discoveries_to_the_student():
+    """With look-ahead the student receives a generation's discoveries one generation later; a one-generation
+    table (3.8) must turn it off, or its student never trains on the discovered images."""
+    single = [(table, name, v["lookahead"]) for table, name, v in lmcs_table_rows()
+              if v["generations"] == "1" and v["mode"] != "none"]
+    assert {table for table, _, _ in single} == {"lmcs-table3.8"} and len(single) == 5
+    assert [s for s in single if s[2] != "false"] == []

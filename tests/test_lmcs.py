@@ -27,6 +27,8 @@ from lightning_modules.semi import SemiSupervised, untracked_batchnorm
 from lightning_modules.snowball import Curriculum
 
 CONFIGS = "experiments/configs"
+# one intra-op thread for speed only (two spinning OpenMP threads on the 2-core CI machine are ~10x slower);
+# it changes the floating-point summation order, not what the checks assert (docs/methods/lmcs.md)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -12,6 +12,8 @@ from experiments.train import RUN_DIR_ENV, SuiteCLI, main
 CONFIGS = "experiments/configs"
 
 
+# one intra-op thread for speed only (two spinning OpenMP threads on the 2-core CI machine are ~10x slower);
+# it changes the floating-point summation order, not what the checks assert (docs/methods/snowball.md)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -66,6 +66,9 @@ TEST_BUDGET = {
     "eir": ["--trainer.max_epochs=6", "--data.batch_size=32", "--trainer.check_val_every_n_epoch=6",
             "--evaluation.kmeans_restarts=2", "--data.num_workers=0"],
 }
+# the network after one training step (BN statistics and the head already moved), the reference a learning
+# check beats: `--extra` these flags after a method's TEST_BUDGET (the last value wins)
+ONE_STEP = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
 # the device-resident data path (datamodules/device_augment.py), for the fast-vs-standard acceptance study
 FAST_PATH = ["--data.init_args.device_resident=true"]
 

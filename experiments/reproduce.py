@@ -318,8 +318,9 @@ def seed_markdown(table: Table, frame: pd.DataFrame) -> str:
     keys = ["row", "metric", "seeds", "mean", "worst", "diff mean", "diff worst", "diff spread", "paper diff",
             "direction"]
     budget = f"; budget: {table.budget}" if table.budget else ""
-    lines = [f"{table.title or table.source} ({table.method}, {table.dataset}; last epoch over seeds, diff = "
-             f"row - {base} on the same seed{budget})", "", "| " + " | ".join(header) + " |",
+    title = (f"{table.title or table.source} ({table.method}, {table.dataset}; last epoch over seeds, diff = "
+             f"row - {base} on the same seed{budget})")
+    lines = [title, "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for _, line in frame.iterrows():
         cells = []

@@ -188,12 +188,16 @@ class GaussianNoise(nn.Module):
 
 
 def _convnet13(in_chans: int, variant: str) -> tuple[nn.Module, int]:
-    """The 13-layer CNN of the Pi-model / Mean Teacher for 32x32 inputs (about 3.1 M parameters):
-    3x conv3x3 128, max-pool, 3x conv3x3 256, max-pool, conv3x3 512 valid, conv1x1 256, conv1x1 128,
-    global average pool (128-d).
-    variant "mt": Mean Teacher's: input noise 0.15, weight-normed conv -> BN -> LeakyReLU(0.1),
-      dropout 0.5 after each pool.
-    variant "mixmatch": MixMatch's CNN13: conv -> LeakyReLU(0.2) -> BN, no noise and no dropout."""
+    """ConvNet-13, the 13-layer CNN of the Pi-model / temporal ensembling (Laine & Aila, "Temporal Ensembling
+    for Semi-Supervised Learning", ICLR 2017, Table 5) and Mean Teacher (Tarvainen & Valpola, NeurIPS 2017,
+    its TensorFlow code's ConvNet), for 32x32 inputs; the network Snowball and LMCS cite for their ConvNet-13
+    rows: 3x conv3x3 128, max-pool 2, dropout 0.5, 3x conv3x3 256, max-pool 2, dropout 0.5, conv3x3 512
+    valid, conv1x1 256, conv1x1 128, global average pool (128-d), then the owner's linear classifier.
+    variant "mt" (the configs'): Gaussian input noise 0.15, each conv weight-normed -> BN -> LeakyReLU(0.1).
+      3,124,608 trunk parameters, 3.13 M with a 10-class classifier: the dissertation's "3.13 million"
+      (without weight norm it would be 3.12 M); BN keeps PyTorch's momentum (see docs/methods/lmcs.md).
+    variant "mixmatch": conv -> LeakyReLU(0.2) -> BN, no noise and no dropout. Not MixMatch's network (its
+      code has no 13-layer CNN); an earlier reading kept as an option only."""
     mt = variant == "mt"
 
     def unit(cin: int, cout: int, kernel: int, padding: int) -> list[nn.Module]:

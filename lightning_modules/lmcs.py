@@ -10,7 +10,8 @@ updates its running statistics, so a master update leaves every student paramete
 as it was (spec §3.4.1). While training, that BatchNorm normalises with the batch's statistics
 (`master_bn: batch`), as MixMatch's own label guess does [C]; the spec's eval mode (`master_bn: running`)
 made the guesses poor: plain MixMatch guessing in eval mode ended at 11.7-50.8 % error on digits against
-2.2-4.4 % (5 seeds), its running statistics being those of MixUp-mixed batches.
+2.2-4.4 % (5 seeds), its running statistics being those of MixUp-mixed batches. The J_D centres and the
+evaluated master (val/error_master) use the mode the master trains in (see docs/methods/lmcs.md).
 
 The master is off in step 1 (there is no previous student). From step 2 on, every iteration adds
 J_M = label_weight * J_CE + lambda_C * J_C + eta * J_D to the student's MixMatch loss; the two touch
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from callbacks.features import extract_features, own_random_stream
 from callbacks.sample_discovery import class_centers
 from callbacks.search import lloyd
+from lightning_modules.batchnorm import batch_statistics
 from lightning_modules.losses import fp32
 from lightning_modules.semi import Classifier, SemiSupervised, frozen_copy, sharpen, softmax_mse
 from lightning_modules.snowball import Curriculum
@@ -72,22 +74,6 @@ def discriminative_power(features: Tensor, centers: Tensor, mode: str = "ratio")
 
 
 @contextlib.contextmanager
-def untracked_batchnorm(*modules: nn.Module):
-    """Every BatchNorm in training mode normalises with the batch's statistics and leaves its running ones
-    (and batch count) as they were; one in eval mode keeps using its running statistics. MixMatch guesses
-    labels this way [C]: its guess pass runs in training mode and its BN updates are skipped."""
-    norms = [m for module in modules for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
-
-@contextlib.contextmanager
 def eval_mode(*modules: nn.Module):
     """Every submodule in eval mode (BN uses and keeps its running statistics), each one's flag restored."""
     flags = [(m, m.training) for module in modules for m in module.modules()]
@@ -117,15 +103,16 @@ class Composition(nn.Module):
 class ComposedTrunk(nn.Module):
     """x -> z: the students' trunks (held, not registered: their owner trains or averages them) run without
     gradient, then the converters. Their BatchNorm never updates its running statistics here; it normalises
-    with them (running_stats, and always in evaluation) or, while the students are in training mode, with
-    the batch's (`untracked_batchnorm`)."""
+    with them (running_stats: eval mode) or with the batch's (`batch_statistics`), in training and in
+    evaluation alike, so the master is evaluated, and its J_D centres computed, on the features it trains
+    on (see docs/methods/lmcs.md)."""
 
     def __init__(self, trunks: list[nn.Module], converters: nn.ModuleList, running_stats: bool = True):
         super().__init__()
         self.trunks, self.converters, self.running_stats = trunks, converters, running_stats
 
     def student_features(self, images: Tensor) -> list[Tensor]:
-        norm = eval_mode if self.running_stats else untracked_batchnorm
+        norm = eval_mode if self.running_stats else batch_statistics
         with torch.no_grad(), norm(*self.trunks):
             return [trunk(images) for trunk in self.trunks]
 
@@ -145,7 +132,8 @@ class LMCS(SemiSupervised):
       warm-up) and J_D (eta).
     master_bn: how the students' BatchNorm normalises inside the master while training (its guesses and J_M):
       batch (default) = the batch's statistics without updating the running ones, as MixMatch's own guess
-      pass [C]; running = eval mode (spec §3.4.1's REC). Evaluation always uses the running statistics.
+      pass [C]; running = eval mode (spec §3.4.1's REC). The J_D centres and the evaluated master use the
+      same mode: batch = each evaluation batch's statistics, dropout and noise off.
     jd_mode: ratio | literal | neg_gap. kmeans_iterations / kmeans_samples: the J_D centres' Lloyd iterations
       and the unlabeled images they cluster (a seeded subsample beyond it).
     report_model: student | teacher | master (default teacher, the EMA student: spec §6).
@@ -197,8 +185,9 @@ class LMCS(SemiSupervised):
 
     @property
     def master(self) -> Classifier:
-        """The EMA master as a classifier (trunk = the composition, running BN statistics): what is evaluated."""
-        return Classifier(self.composed_trunk(ema=True, running_stats=True), self.lmc_ema.decision)
+        """The EMA master as a classifier (trunk = the composition, the students' BatchNorm as `master_bn`
+        says, the mode it trains in): what is evaluated."""
+        return Classifier(self.composed_trunk(ema=True), self.lmc_ema.decision)
 
     def master_active(self, epoch: int) -> bool:
         return epoch >= self.step_epochs
@@ -235,7 +224,8 @@ class LMCS(SemiSupervised):
     @torch.no_grad()
     def kmeans_centers(self) -> Tensor:
         """C centres of the master's L2-normalised fused features over the unlabeled pool, from the labeled
-        class means, by Lloyd's iterations (spec §3.4.4)."""
+        class means, by Lloyd's iterations (spec §3.4.4). The features are normalised as J_D's in training
+        (`master_bn`), with dropout and noise off."""
         dm = self.trainer.datamodule
         trunk = self.composed_trunk(ema=False)
         features, _, _ = extract_features(self, dm.train_eval_dataloader(),

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.base import EmbeddingModule, ema_update
+from lightning_modules.batchnorm import untracked_batchnorm
 from lightning_modules.losses import fp32
 
 LEARNERS = ("mean_teacher", "mixmatch", "supervised")
@@ -274,8 +275,11 @@ class SemiSupervised(EmbeddingModule):
     @torch.no_grad()
     def label_guess(self, views: list[Tensor]) -> Tensor:
         """MixMatch's guessed distribution for the unlabeled rows: the student's mean prediction over the
-        K views, sharpened. A method that guesses with another model (LMCS's master) overrides this."""
-        mean_probs = torch.stack([self(v).float().softmax(dim=1) for v in views]).mean(dim=0)
+        K views, sharpened. A method that guesses with another model (LMCS's master) overrides this. The pass
+        normalises with each view's batch statistics and leaves the running ones alone: only the training
+        forward of the mixed batch moves them, as in MixMatch's code (see docs/methods/lmcs.md)."""
+        with untracked_batchnorm(self.trunk, self.head):
+            mean_probs = torch.stack([self(v).float().softmax(dim=1) for v in views]).mean(dim=0)
         return sharpen(mean_probs, self.sharpen_temperature)
 
     def mixmatch_terms(self, labeled: dict, unlabeled: dict, guess: Tensor | None = None) -> dict[str, Tensor]:

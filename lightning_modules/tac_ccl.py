@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.base import EmbeddingModule, hparam
-from lightning_modules.lmcs import untracked_batchnorm
+from lightning_modules.batchnorm import untracked_batchnorm
 from lightning_modules.losses import fp32
 from lightning_modules.memory import IndexedMemory
 

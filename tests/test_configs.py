@@ -235,7 +235,8 @@ EIR_LC = {"evaluation.knn_k": 200, "trainer.callbacks.LinearProbe.features": "ba
           "trainer.callbacks.LinearProbe.batch_size": 256, "trainer.callbacks.LinearProbe.weight_decay": 0.0,
           "trainer.callbacks.LinearProbe.milestones": [60, 80]}
 # snowball.md §5 (Snowball-specific and base-method tables)
-SNOWBALL = {"model.ema_decay": 0.999, "model.master_decay": 0.999}
+SNOWBALL = {"model.ema_decay": 0.999, "model.master_decay": 0.999,
+            "model.master_consistency_on": "labeled"}  # Eq. 2.7: the master term on the labelled rows
 MEAN_TEACHER_RESNET26 = {**SNOWBALL, "model.learner": "mean_teacher", "model.backbone": "shakeshake26",
                          "model.ema_decay_rampup": 0.99, "model.consistency_weight": 100.0,
                          "model.logit_distance_cost": 0.01, "model.optim.name": "sgd", "model.optim.lr": 0.05,
@@ -259,14 +260,27 @@ LMCS = {"model.learner": "mixmatch", "model.sharpen_temperature": 0.5, "model.mi
         "data.labeled_batch_size": 64, "data.steps_per_epoch": 1024, "model.curriculum.phase0_epochs": 1024,
         "model.curriculum.iteration_epochs": 200,
         "trainer.callbacks.CriticalSampleDiscovery.mode": "confined_max_entropy",
-        "trainer.callbacks.ClassificationEvaluator.median_window": 20}
+        "trainer.callbacks.ClassificationEvaluator.median_window": 20,
+        # §3.4.6 guidance (REC label guess), §3.4.3 J_M (REC label term, ratio J_D, eta 0.1, lambda_C =
+        # lambda_U), §3.4.1 the students' BN in the master (batch: docs/methods/lmcs.md), §3.5 discovery
+        # (student features, rho 10, beta 1/C, original reference, soft-argmax label), §3.6 look-ahead, one
+        # discovery per generation
+        "model.guidance": "label_guess", "model.label_weight": 1.0, "model.jd_mode": "ratio", "model.jd_weight": 0.1,
+        "model.master_consistency_weight": None, "model.master_bn": "batch", "model.curriculum.iterations": 1,
+        "trainer.callbacks.CriticalSampleDiscovery.feature_model": "student",
+        "trainer.callbacks.CriticalSampleDiscovery.pool_factor": 10,
+        "trainer.callbacks.CriticalSampleDiscovery.beta": None,
+        "trainer.callbacks.CriticalSampleDiscovery.reference": "original",
+        "trainer.callbacks.CriticalSampleDiscovery.label_rule": "soft_argmax",
+        "trainer.callbacks.CriticalSampleDiscovery.lookahead": True}
 # R_L = 10 reached in G = 4 doublings (2x, 4x, 8x, 10x: §3.6); backbones §2; lambda_U per column of §5
 LMCS_R10 = {**LMCS, "trainer.callbacks.CriticalSampleDiscovery.max_ratio": 10.0, "trainer.max_epochs": 1024 + 4 * 200}
 LMCS_WRN_CIFAR10 = {**LMCS_R10, "model.backbone": "wrn28_2", "model.consistency_weight": 75.0}
 LMCS_WRN_SVHN = {**LMCS_R10, "model.backbone": "wrn28_2", "model.consistency_weight": 250.0,
                  "data.label_split": "proportional"}
-LMCS_CNN13_CIFAR10 = {**LMCS_R10, "model.backbone": "convnet13_mixmatch", "model.consistency_weight": 75.0}
-LMCS_CNN13_CIFAR100 = {**LMCS, "model.backbone": "convnet13_mixmatch", "model.consistency_weight": 150.0}
+# ConvNet-13: the Pi-model / Mean Teacher network the chapter cites ("3.13 million parameters", §3.5.1)
+LMCS_CNN13_CIFAR10 = {**LMCS_R10, "model.backbone": "convnet13", "model.consistency_weight": 75.0}
+LMCS_CNN13_CIFAR100 = {**LMCS, "model.backbone": "convnet13", "model.consistency_weight": 150.0}
 
 PAPER_VALUES = {
     "isif/cifar10": {**ISIF_SEEN, "model.backbone": "cifar_resnet18"},
@@ -334,11 +348,12 @@ PAPER_VALUES = {
     "snowball/svhn-convnet13": {**MEAN_TEACHER_CONVNET13, "model.consistency_weight": 1.0,
                                 "data.labels_per_class": 25, "data.labeled_batch_size": 1, "data.batch_size": 99},
     # MixMatch: lambda_U C10 75, C100 150; decoupled wd 0.02 x lr (0.04 for the large WRN-28-135)
-    "snowball/cifar10-mixmatch": {**MIXMATCH, "model.consistency_weight": 75.0, "model.optim.weight_decay": 0.02},
+    "snowball/cifar10-mixmatch": {**MIXMATCH, "model.consistency_weight": 75.0, "model.optim.weight_decay": 0.02,
+                                  "model.backbone": "convnet13"},  # Table 2.4: the Pi-model / MT ConvNet-13
     "snowball/cifar10-4000": {**MIXMATCH, "model.consistency_weight": 75.0, "model.optim.weight_decay": 0.04,
                               "model.backbone": "wrn28_135", "data.labels_per_class": 400},
     "snowball/cifar100-mixmatch": {**MIXMATCH, "model.consistency_weight": 150.0, "model.optim.weight_decay": 0.02,
-                                   "data.labels_per_class": 100},
+                                   "data.labels_per_class": 100, "model.backbone": "convnet13"},
     # LMCS, WRN-28-2 (lmcs.md §2 label counts: CIFAR-10 80 / 100 / 250 / 500, SVHN 100 / 250 / 500)
     "lmcs/cifar10-80": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 8},
     "lmcs/cifar10-100": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 10},

@@ -20,7 +20,12 @@ def test_two_processes_discover_and_score_what_one_does(tmp_path):
     assert len(single["labeled"]) == 60 and len(single["lookahead"]) == 120  # the student a generation behind
     assert single["master_started"] and double["master_started"]
     assert set(single["errors"]) == {"val/error", "val/error_student", "val/error_teacher", "val/error_master"}
-    assert double["errors"] == single["errors"]
+    # the master's evaluation normalises with each evaluation batch's statistics (master_bn batch, the mode
+    # it trains in: docs/methods/lmcs.md), and DDP shards the test set into other batches: its error is not
+    # world-size invariant; every per-sample evaluation is
+    per_sample = [k for k in single["errors"] if k != "val/error_master"]
+    assert {k: double["errors"][k] for k in per_sample} == {k: single["errors"][k] for k in per_sample}
+    assert abs(double["errors"]["val/error_master"] - single["errors"]["val/error_master"]) < 10
 
 
 def test_a_fit_resumed_between_the_generations_continues_as_the_straight_one(tmp_path):

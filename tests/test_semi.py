@@ -2,6 +2,7 @@
 on hand-computed cases; the labeled split of digits; the Snowball curriculum and lr restarts."""
 from __future__ import annotations
 
+import copy
 import math
 
 import lightning as L
@@ -206,3 +207,25 @@ def test_steps_per_epoch_sets_the_semi_epoch_length():
     assert len(seen) == 3200 and len(set(seen.tolist())) == 1407  # every unlabeled image, then again
     with pytest.raises(ValueError, match="steps_per_epoch 0"):
         DigitsDataModule(protocol="semi", steps_per_epoch=0)
+
+
+def bn_counts(model: nn.Module) -> list[int]:
+    return [m.num_batches_tracked.item() for m in model.trunk.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_the_mixmatch_label_guess_leaves_the_bn_statistics_to_the_training_forward():
+    """MixMatch's code keeps only the BN updates of the mixed batch's forward: the K guess passes normalise
+    with their batch's statistics but neither move the running ones nor count (0 -> 2 per step before)."""
+    torch.manual_seed(0)
+    model = SemiSupervised(backbone="small_cnn", in_chans=1, num_classes=4, learner="mixmatch").train()
+    labeled, unlabeled = random_batch()
+    running = [b.clone() for name, b in model.trunk.named_buffers() if "running" in name]
+    reference = copy.deepcopy(model).train()  # a plain training-mode pass: the same batch statistics
+    guess = model.label_guess(unlabeled["views"])
+    assert set(bn_counts(model)) == {0}
+    assert all(torch.equal(a, b) for a, b in zip(running, [b for n, b in model.trunk.named_buffers() if "running" in n]))
+    with torch.no_grad():
+        expected = sharpen(torch.stack([reference(v).softmax(dim=1) for v in unlabeled["views"]]).mean(0), 0.5)
+    assert torch.allclose(guess, expected, atol=1e-6)
+    model.mixmatch_terms(labeled, unlabeled)  # guess + one forward over the mixed batch
+    assert set(bn_counts(model)) == {1}

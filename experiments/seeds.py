@@ -8,6 +8,7 @@ use (`TEST_BUDGET`, which the tests import), so the margin is measured where it 
 
     python -m experiments.seeds                                # every method, seeds 0-4, full digits budget
     python -m experiments.seeds --methods tac_ccl --budget test
+    python -m experiments.seeds --methods eir --budget one_step   # the one-step floor of the learning checks
     python -m experiments.seeds --methods isif --fast-path     # the same study on the device-resident path
 """
 from __future__ import annotations
@@ -93,7 +94,8 @@ def config_args(method: str, variant: str = "") -> list[str]:
 def run_once(method: str, seed: int, budget: str, out: Path, extra: list[str]) -> dict:
     """One training run in a fresh process; its final_metrics.json."""
     run_dir = out / f"{method}-{budget}-seed{seed}"
-    overrides = TEST_BUDGET[method] if budget == "test" else []
+    overrides = TEST_BUDGET[method] if budget in ("test", "one_step") else []
+    overrides = overrides + (ONE_STEP if budget == "one_step" else [])
     cmd = [sys.executable, "-m", "experiments.train", "fit", *config_args(*CONFIG_OF.get(method, (method,))),
            "--run.dir", str(run_dir), "--run.overwrite=true",  # a study's folders: a rerun replaces them
            "--run.logger=csv", "--trainer.enable_progress_bar=false", f"--seed_everything={seed}",
@@ -132,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--budget", choices=("full", "test"), default="full",
-                        help="full: the digits config as shipped; test: the learning tests' shortened runs")
+    parser.add_argument("--budget", choices=("full", "test", "one_step"), default="full",
+                        help="full: the digits config as shipped; test: the learning tests' shortened runs; "
+                             "one_step: the test runs stopped after one training step (ONE_STEP)")
     parser.add_argument("--out", default="runs/seeds", help="where the runs and seeds.json go")
     parser.add_argument("--fast-path", action="store_true",
                         help=f"run on the device-resident data path ({' '.join(FAST_PATH)}); runs go to OUT-fast")

@@ -10,9 +10,10 @@ L_N is also a mean over the D dimensions by default (`consistency_reduction`). S
 Eq. 8 prints it, λ_N L_N at initialisation is 200-1,400 (by batch) for the paper's λ_N = 10 (CIFAR, STL)
 against L_S ≈ log n ≈ 5 and λ_R L_R ≈ 7-10: σ² runs to its clamp and the candidates become noise. The mean
 brings it to 2-11, the scale of the terms the paper's λ's "balance" (and the paper never weights L_N above
-L_R: 10/10, 0.2/2, 0.1/0.1, which fits two O(1) terms). "sum" keeps Eq. 8 as printed. On digits, λ_N = 10
-still collapses μ under the mean (the two views' means are pulled together before L_S can spread them), so
-umm/digits.yaml uses λ_N = 0.64.
+L_R: 10/10, 0.2/2, 0.1/0.1, which fits two O(1) terms). "sum" keeps Eq. 8 as printed. Equal loss values are
+not equal pulls: L_N pulls the two views' μ together with weight λ_N / (D σ²), so on digits λ_N = 10 has 3.3x
+L_S's gradient on μ at the first step and collapses μ within 4 steps; umm/digits.yaml uses λ_N = 0.64. Each
+term's share of the gradient on μ is logged (`train/share_*`); see docs/methods/umm.md.
 k (`num_samples`) is set each epoch by `callbacks.k_schedule.KSchedule` through `set_num_samples`.
 There is no momentum encoder, queue or memory bank: "momentum" is the paper's metaphor (spec §3.8).
 """
@@ -30,6 +31,7 @@ from lightning_modules.losses import fp32
 SOFTMAX_MODES = ("literal", "symmetric", "isif_2n")
 RANKING_POOLS = ("both_views", "single_view_literal")
 CONSISTENCY_REDUCTIONS = ("mean", "sum")
+SHARE_EVERY = 10  # steps between two logs of the terms' gradient shares on μ
 
 
 @fp32
@@ -163,6 +165,18 @@ def ranking_loss(z1: torch.Tensor, z2: torch.Tensor, bins: int = 20, pool: str =
     return 1.0 - ap.mean()
 
 
+def gradient_shares(weighted: dict[str, torch.Tensor], mu: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"share_<term>"}: each weighted term's gradient norm on μ over the sum of the three norms. Backward
+    from the losses to μ only (not through the trunk). The balance to watch: λ_N L_N pulls
+    the two views' μ together with weight λ_N / (D σ²), so its share grows as σ² shrinks, and above L_S's it
+    collapses μ (docs/methods/umm.md)."""
+    norms = {name: torch.autograd.grad(term, mu, retain_graph=True, allow_unused=True)[0] for name, term
+             in weighted.items()}
+    norms = {name: g.norm() if g is not None else mu.new_zeros(()) for name, g in norms.items()}
+    total = sum(norms.values()).clamp_min(1e-12)
+    return {f"share_{name}": (norm / total).detach() for name, norm in norms.items()}
+
+
 class UMM(EmbeddingModule):
     """UMM on two views per instance; the evaluation embedding is l2norm(μ) (`GaussianHead.forward`).
 
@@ -206,10 +220,11 @@ class UMM(EmbeddingModule):
             raise ValueError(f"num_samples {k!r}: k must be an integer >= 1")
         self.num_samples = k
 
-    def loss_terms(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor,
-                                                                       torch.Tensor]:
-        """Eq. 13 on two views of a batch: {"loss", each unweighted term}, μ and log σ² (2n, C, D) and the
-        first view's candidates (n, k, D), the last three for the diagnostics."""
+    def loss_terms(self, v1: torch.Tensor, v2: torch.Tensor, shares: bool = False) -> tuple[
+            dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 13 on two views of a batch: {"loss", each unweighted term (and with `shares` each weighted
+        term's share of the gradient on μ)}, μ and log σ² (2n, C, D) and the first view's candidates
+        (n, k, D), the last three for the diagnostics."""
         mu, logvar = (t.float() for t in self.head.moments(self.trunk(torch.cat([v1, v2]))))
         z1, z2 = sample_candidates(mu, logvar, self.num_samples).chunk(2)
         (mu1, mu2), (logvar1, logvar2) = mu.chunk(2), logvar.chunk(2)
@@ -222,11 +237,16 @@ class UMM(EmbeddingModule):
         ranking = ranking_loss(z1, z2, self.bins, self.ranking_pool, shard, self.ranking_chunk)
         loss = set_softmax + self.lambda_n * consistency + self.lambda_r * ranking
         terms = {"loss": loss, "set_softmax": set_softmax, "consistency": consistency, "ranking": ranking}
+        if shares and torch.is_grad_enabled() and mu.requires_grad:
+            terms.update(gradient_shares({"set_softmax": set_softmax, "consistency": self.lambda_n * consistency,
+                                          "ranking": self.lambda_r * ranking}, mu))
         return terms, mu, logvar, z1
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         v1, v2 = batch["views"][:2]
-        terms, mu, logvar, z1 = self.loss_terms(v1, v2)
+        # the shares cost one more backward of the losses to μ (L_R's is recomputed under ranking_chunk): every
+        # SHARE_EVERY steps
+        terms, mu, logvar, z1 = self.loss_terms(v1, v2, shares=batch_idx % SHARE_EVERY == 0)
         self.log_terms(terms, embedding=GaussianHead.embedding(mu[: len(v1)]))
         self.log_dict({"train/variance": logvar.detach().exp().mean(),
                        "train/set_mean_norm": z1.detach().mean(dim=1).norm(dim=-1).mean()},

@@ -379,6 +379,22 @@ PAPER_VALUES = {
                       "trainer.callbacks.CriticalSampleDiscovery.max_ratio": 4.0, "trainer.max_epochs": 1024 + 2 * 200},
 }
 
+# issue 22 item 19: the result-changing switches of ISIF, UMM and EIR whose value is a reading of the paper, pinned
+# so a paper config cannot silently run the other reading. isif.md A1-A2, §3.4; umm.md A2, A4, A6-A7, A20 (L_N
+# averaged over D: docs/methods/umm.md); eir.md A1, A4, A6-A8, A10 (and the single tau, §3.1).
+ISIF_READINGS = {"model.variant": "symmetric", "model.detach_candidates": True, "model.bn_per_view": False}
+UMM_READINGS = {"model.consistency_reduction": "mean", "model.softmax_mode": "literal",
+                "model.ranking_pool": "both_views", "model.components": 1, "model.variance": "exp",
+                "model.logvar_range": [-10.0, 2.0]}
+EIR_READINGS = {"model.iraug_form": "sum_ce", "model.memory_momentum": 0.5, "model.relations.temperature": 0.1,
+                "model.relations.intra_detach_target": True, "model.relations.intra_exclude_self": False,
+                "model.relations.mix": "cutmix", "model.relations.mix_alpha": 1.0,
+                "model.relations.inter_detach_target": True, "model.relations.inter_negatives": "batch"}
+for _name, _values in list(PAPER_VALUES.items()):
+    _method = _name.split("/")[0]
+    _readings = {"isif": ISIF_READINGS, "umm": UMM_READINGS, "eir": EIR_READINGS}.get(_method, {})
+    PAPER_VALUES[_name] = {**_values, **_readings}
+
 
 def lookup(cfg, key: str):
     """The value at a dotted key: `init_args` levels are implicit and a callback is named by its class."""

@@ -132,8 +132,8 @@ class LMCS(SemiSupervised):
       warm-up) and J_D (eta).
     master_bn: how the students' BatchNorm normalises inside the master while training (its guesses and J_M):
       batch (default) = the batch's statistics without updating the running ones, as MixMatch's own guess
-      pass [C]; running = eval mode (spec §3.4.1's REC). The J_D centres and the evaluated master use the
-      same mode: batch = each evaluation batch's statistics, dropout and noise off.
+      pass [C]; running = eval mode (the other reading; docs/methods/lmcs.md). The J_D centres and the
+      evaluated master use the same mode: batch = each evaluation batch's statistics, dropout and noise off.
     jd_mode: ratio | literal | neg_gap. kmeans_iterations / kmeans_samples: the J_D centres' Lloyd iterations
       and the unlabeled images they cluster (a seeded subsample beyond it).
     report_model: student | teacher | master (default teacher, the EMA student: spec §6).
@@ -224,7 +224,7 @@ class LMCS(SemiSupervised):
     @torch.no_grad()
     def kmeans_centers(self) -> Tensor:
         """C centres of the master's L2-normalised fused features over the unlabeled pool, from the labeled
-        class means, by Lloyd's iterations (spec §3.4.4). The features are normalised as J_D's in training
+        class means, by Lloyd's iterations (docs/methods/lmcs.md). The features are normalised as J_D's in training
         (`master_bn`), with dropout and noise off."""
         dm = self.trainer.datamodule
         trunk = self.composed_trunk(ema=False)

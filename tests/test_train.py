@@ -9,11 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.digits import DigitsDataModule
 from experiments.seeds import TEST_BUDGET
-from lightning.pytorch.loggers import WandbLogger
-
 from experiments.train import (
     RUN_DIR_ENV,
     WANDB_ID_FILE,

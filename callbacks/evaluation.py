@@ -157,6 +157,15 @@ class EmbeddingEvaluator(Scoreboard):
         parts = self._buffers.get(dataloader_idx, [])
         return gather_unique(pl_module, *(torch.cat([p[k] for p in parts]) for k in ("embedding", "target", "index")))
 
+    def has_embeddings(self, loaders: int) -> bool:
+        """Whether this validation collected the embeddings of all `loaders` eval loaders."""
+        return all(self._buffers.get(i) for i in range(loaders))
+
+    def embeddings(self, pl_module, dataloader_idx: int):
+        """(embedding, target, index) of one eval loader in this validation, gathered: for other callbacks
+        (pictures) that would otherwise run a second pass over the eval set."""
+        return self._collect(pl_module, dataloader_idx)
+
     def _order_features(self, pl_module, dataloader_idx: int) -> torch.Tensor:
         """The role's "order_feature" rows, gathered and deduplicated like its embeddings."""
         parts = self._buffers.get(dataloader_idx, [])

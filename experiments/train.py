@@ -44,6 +44,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.evaluation import EmbeddingEvaluator, Scoreboard
+from callbacks.pictures import Pictures
 from datamodules.base import DatasetSizeError, EmbeddingDataModule
 from datamodules.files import atomic_write
 from experiments.console import EpochLine, SuiteProgressBar, quiet_known_noise, show_progress_bar
@@ -642,6 +643,9 @@ class SuiteCLI(LightningCLI):
         parser.add_argument("--run.variant", type=str, default="", help="protocol variant, e.g. resnet18")
         parser.add_argument("--run.group", type=str, default="", help="W&B group (default method-dataset-variant)")
         parser.add_argument("--run.tags", type=list[str], default=[], help="extra W&B tags")
+        # on by default; SUITE_PICTURES=false changes the default (the test suite's conftest: seconds per run)
+        parser.add_argument("--run.pictures", type=bool, default=os.environ.get("SUITE_PICTURES", "true") != "false",
+                            help="draw callbacks.pictures.Pictures at the end of training (unless one is configured)")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's CLI parses a checkpoint's hyperparameters over the command line before building the
@@ -738,6 +742,8 @@ class SuiteCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer")
         callbacks = [*(trainer_cfg.get("callbacks") or []), last_checkpoint(f"{run_dir}/checkpoints"),
                      FiniteWeightsOnly(), CommandLineWinsOnResume(), EpochLine()]
+        if cfg.run.pictures and not any(isinstance(c, Pictures) for c in callbacks):
+            callbacks.append(Pictures())
         kwargs["enable_progress_bar"] = show_progress_bar(trainer_cfg.get("enable_progress_bar"))
         if kwargs["enable_progress_bar"] and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(SuiteProgressBar())

@@ -25,9 +25,9 @@ EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def piped_run(tmp_path_factory):
-    """A 2-epoch digits run with the default logger (W&B offline + CSV), its output piped to a file."""
+    """A 2-epoch digits run with the default logger (W&B offline + CSV) and pictures, its output piped."""
     run = tmp_path_factory.mktemp("piped") / "run"
-    env = {k: v for k, v in os.environ.items() if k not in (RUN_DIR_ENV, "WANDB_API_KEY")}
+    env = {k: v for k, v in os.environ.items() if k not in (RUN_DIR_ENV, "WANDB_API_KEY", "SUITE_PICTURES")}
     env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "experiments.train", "fit", "--config", f"{CONFIGS}/base.yaml", "--config",
@@ -61,6 +61,15 @@ def test_the_default_logger_keeps_csv_history_and_an_offline_wandb_run(piped_run
     assert len(offline) == 1 and f"wandb sync {offline[0]}" in log
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["trainer"]["precision"] == "32-true"  # base.yaml's null, resolved on a CPU run
+
+
+def test_pictures_are_drawn_by_default_and_reach_wandb(piped_run):
+    run, _ = piped_run
+    last = EPOCHS - 1
+    assert sorted(p.name for p in (run / "pictures").iterdir()) == [f"map-epoch{last:03d}.png",
+                                                                     f"retrieval-epoch{last:03d}.png"]
+    media = list((run / "wandb").glob("offline-run-*/files/media/images/pictures/*.png"))
+    assert len(media) == 2
 
 
 def test_a_missing_data_root_stops_first_and_leaves_nothing(tmp_path, monkeypatch, capsys):

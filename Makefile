@@ -12,7 +12,7 @@ RUN_DIR ?= runs/$(METHOD)-$(DATASET)$(if $(VARIANT),-$(VARIANT))-$(shell date +%
 CONFIGS := experiments/configs
 ARGS ?=
 
-.PHONY: install train test bench seeds compare reproduce sweep lint clean
+.PHONY: install train test bench seeds compare reproduce sweep eval export lint clean
 
 install: $(STAMP)
 
@@ -49,6 +49,15 @@ reproduce: $(STAMP)
 # digits one with its configs pointed at DATASET) and starts an agent; DRY_RUN=1 prints a few sampled trials.
 sweep: $(STAMP)
 	$(PY) -m experiments.sweep $(METHOD) $(DATASET) $(if $(DRY_RUN),--dry-run) $(if $(COUNT),--count $(COUNT)) $(ARGS)
+
+# `make eval CKPT=runs/<run>/checkpoints/last.ckpt [DATASET=cars]`: the checkpoint's metrics with its run's
+# config.yaml (on DATASET's config when given) into <run>/eval-<dataset>/eval_metrics.json; `make export CKPT=...`
+# writes backbone.pt, head.pt and each eval split's embeddings / labels as .npy into <run>/export-<dataset>/.
+# OUT=dir another folder; ARGS=... flags for `experiments.train validate`.
+EVAL_DATASET = $(if $(filter command line environment,$(origin DATASET)),--dataset $(DATASET))
+eval export: $(STAMP)
+	@test -n "$(CKPT)" || { echo "give CKPT=<run dir>/checkpoints/last.ckpt"; exit 2; }
+	$(PY) -m experiments.evaluate $@ $(CKPT) $(EVAL_DATASET) $(if $(OUT),--out $(OUT)) $(if $(ARGS),-- $(ARGS))
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -3,7 +3,8 @@
 The validation loop yields {"embedding", "target", "index"} per batch; the evaluator collects them per
 role, gathers all ranks, drops the distributed sampler's padding by `index`, and scores:
   reference + query  -> val/knn_top1 (weighted kNN of queries against the reference)
-  query (+ gallery)  -> val/recall@K (leave-one-out on query, or query -> gallery), val/nmi (on query)
+  query (+ gallery)  -> val/recall@K, val/map@r, val/r_precision (leave-one-out on query, or query ->
+                        gallery), val/nmi (on query)
 NMI comes from one k-means clustering in both normalisations (val/nmi_arithmetic, val/nmi_geometric; val/nmi
 repeats the configured one); `nmi: last` runs it only in the random-init pass and the final validation.
 The validation run before the first training step (Lightning's sanity check, run over the full loaders)
@@ -117,13 +118,15 @@ class EmbeddingEvaluator(Scoreboard):
         each query's top-M re-ranked by the module's predicted relative orders (`predict_orders` on the
         "order_feature" its validation_step returns), reported as val/recall@K_refined beside val/recall@K;
         refine_m 0 = off.
+      map_at_r: also report val/map@r and val/r_precision (metrics.map_at_r) on the Recall@K queries.
     A module with `validation_extras()` (SAN: val/san_moved) has those scores added to each validation's.
     """
 
     def __init__(self, recall_ks: Sequence[int] = (1, 2, 4, 8), knn_k: int = 200, knn_temperature: float = 0.1,
                  nmi: bool | Literal["last"] = True, nmi_average: str = "arithmetic", kmeans_restarts: int = 10,
                  seed: int = 0, backend: str = "auto", knn_extra_ks: Sequence[int] = (), refine_m: int = 0,
-                 refine_alpha: float = 10.0, refine_lambda: float = 1.0, refine_max_sweeps: int | None = None):
+                 refine_alpha: float = 10.0, refine_lambda: float = 1.0, refine_max_sweeps: int | None = None,
+                 map_at_r: bool = True):
         if knn_k < 1 or any(k < 1 for k in knn_extra_ks) or any(k < 1 for k in recall_ks):
             raise ValueError(f"evaluation knn_k={knn_k}, knn_extra_ks={list(knn_extra_ks)}, recall_ks={list(recall_ks)}: "
                              "every k counts neighbours, so use k >= 1 (--evaluation.knn_k=200)")
@@ -135,6 +138,7 @@ class EmbeddingEvaluator(Scoreboard):
         self.recall_ks, self.knn_k, self.knn_temperature = list(recall_ks), knn_k, knn_temperature
         self.nmi, self.nmi_average, self.kmeans_restarts = nmi, nmi_average, kmeans_restarts
         self.seed, self.backend, self.knn_extra_ks = seed, backend, list(knn_extra_ks)
+        self.map_at_r = map_at_r
         if refine_m == 1 or refine_m < 0:
             raise ValueError(f"refine_m {refine_m}: use 0 (no refinement) or a top-M list of M >= 2")
         self.refine = {"m": refine_m, "alpha": refine_alpha, "lam": refine_lambda, "max_sweeps": refine_max_sweeps}
@@ -152,6 +156,15 @@ class EmbeddingEvaluator(Scoreboard):
     def _collect(self, pl_module, dataloader_idx: int):
         parts = self._buffers.get(dataloader_idx, [])
         return gather_unique(pl_module, *(torch.cat([p[k] for p in parts]) for k in ("embedding", "target", "index")))
+
+    def has_embeddings(self, loaders: int) -> bool:
+        """Whether this validation collected the embeddings of all `loaders` eval loaders."""
+        return all(self._buffers.get(i) for i in range(loaders))
+
+    def embeddings(self, pl_module, dataloader_idx: int):
+        """(embedding, target, index) of one eval loader in this validation, gathered: for other callbacks
+        (pictures) that would otherwise run a second pass over the eval set."""
+        return self._collect(pl_module, dataloader_idx)
 
     def _order_features(self, pl_module, dataloader_idx: int) -> torch.Tensor:
         """The role's "order_feature" rows, gathered and deduplicated like its embeddings."""
@@ -188,6 +201,10 @@ class EmbeddingEvaluator(Scoreboard):
             gallery = sets.get("gallery", (None, None))
             recalls = metrics.recall_at_k(query_emb, query_target, self.recall_ks, *gallery)
             out.update({f"val/recall@{k}": v for k, v in recalls.items()})
+        if self.map_at_r and self.recall_ks:
+            gallery = sets.get("gallery", (None, None))
+            out.update({f"val/{name}": v for name, v in
+                        metrics.map_at_r(query_emb, query_target, *gallery, backend=self.backend).items()})
         if self.nmi if nmi is None else nmi:
             scores = metrics.nmi_scores(query_emb, query_target, seed=self.seed, restarts=self.kmeans_restarts,
                                         backend=self.backend)

@@ -1,9 +1,13 @@
 """Pictures of a run: a 2-D map of the test embeddings coloured by class, a retrieval grid (queries and their
 top-K, right in green, wrong in red) and, for semi-supervised runs, the samples each discovery added with
-their wrong-label rate. PNGs under `<run dir>/pictures/`, logged to W&B as images when it is a logger.
+their wrong-label rate and the latest discovery's images with the labels they were given. PNGs under
+`<run dir>/pictures/`, logged to W&B as images when it is a logger. `experiments.train` adds the callback to
+every run (`--run.pictures=false` to leave it out).
 
-The map is UMAP when umap-learn is installed (the `pictures` extra), else scikit-learn's t-SNE. Embeddings
-come from every rank with the padding removed (`extract_features`); only rank 0 draws.
+The map is UMAP when umap-learn is installed (the `pictures` extra), else scikit-learn's t-SNE, on at most
+`max_points` images spread over the classes (seconds at any dataset size). Embeddings are the evaluator's of
+the same validation (gathered from every rank, padding removed), else a pass of their own
+(`extract_features`); only rank 0 draws.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from callbacks.evaluation import is_final_validation
+from callbacks.evaluation import EmbeddingEvaluator, is_final_validation
 from callbacks.features import extract_features
 
 matplotlib.use("Agg")
@@ -128,6 +132,29 @@ def draw_discoveries(history: list[dict], path: Path, size: tuple[float, float] 
     return _save(fig, path)
 
 
+def draw_discovered(images: list[np.ndarray], labels: np.ndarray, truth: np.ndarray, path: Path, title: str,
+                    columns: int = 8, cell: float = 1.0, dpi: int = 100) -> Path:
+    """The discovered images, each titled with the label it was given, framed green when that label is the
+    true one, red (with the true one) when not, grey when the truth is hidden (< 0)."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(cell * columns, (cell + 0.25) * rows + 0.3), dpi=dpi,
+                             squeeze=False)
+    for n, ax in enumerate(axes.flat):
+        ax.set_xticks([]), ax.set_yticks([])
+        if n >= len(images):
+            ax.axis("off")
+            continue
+        ax.imshow(images[n], cmap="gray" if images[n].ndim == 2 else None)
+        known, right = truth[n] >= 0, labels[n] == truth[n]
+        color = "tab:gray" if not known else "tab:green" if right else "tab:red"
+        ax.set_title(f"{labels[n]}" + ("" if not known or right else f" (is {truth[n]})"), fontsize=7, color=color)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(3)
+    fig.suptitle(title, fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,14 +175,15 @@ class Pictures(L.Callback):
         retrieve from `gallery` (In-Shop), else `reference` (seen protocol), else the other queries.
     """
 
-    def __init__(self, every_n_epochs: int = 0, map_method: str = "auto", max_points: int = 2000,
-                 num_queries: int = 8, top_k: int = 8, seed: int = 0):
+    def __init__(self, every_n_epochs: int = 0, map_method: str = "auto", max_points: int = 1000,
+                 num_queries: int = 8, top_k: int = 8, seed: int = 0, num_discovered: int = 24):
         if map_method not in MAP_METHODS:
             raise ValueError(f"map_method {map_method!r}: use auto, umap or tsne")
         if every_n_epochs < 0 or num_queries < 1 or top_k < 1 or max_points < 2:
             raise ValueError("every_n_epochs >= 0, num_queries >= 1, top_k >= 1, max_points >= 2")
         self.every_n_epochs, self.map_method, self.max_points = every_n_epochs, map_method, max_points
         self.num_queries, self.top_k, self.seed = num_queries, top_k, seed
+        self.num_discovered = num_discovered
         self.written: list[Path] = []
 
     def due(self, trainer) -> bool:
@@ -170,7 +198,7 @@ class Pictures(L.Callback):
             return
         roles = trainer.datamodule.eval_roles
         loaders = dict(zip(roles, trainer.val_dataloaders))
-        features = {role: extract_features(pl_module, loader) for role, loader in loaders.items()}
+        features = self.features(trainer, pl_module, loaders)
         if not trainer.is_global_zero:
             return
         folder = Path(trainer.default_root_dir, "pictures")
@@ -181,11 +209,41 @@ class Pictures(L.Callback):
         history = discovery_history(trainer)
         if history:
             paths["discovery"] = draw_discoveries(history, folder / f"discovery-epoch{epoch:03d}.png")
+            if "index" in history[-1]:  # discovery.json files from before the indices were kept have none
+                paths["discovered"] = self.draw_discovered(trainer, history[-1],
+                                                           folder / f"discovered-epoch{epoch:03d}.png")
         self.written += list(paths.values())
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 for key, path in paths.items():
                     logger.log_image(key=f"pictures/{key}", images=[str(path)], step=trainer.global_step)
+
+    @staticmethod
+    def features(trainer, pl_module, loaders: dict) -> dict:
+        """{role: (embedding, target, index)}: the evaluator's embeddings of this validation when there is one
+        (no second pass over the eval sets), else a pass of their own (semi runs score logits)."""
+        evaluator = next((c for c in trainer.callbacks if isinstance(c, EmbeddingEvaluator)), None)
+        if evaluator is not None and evaluator.has_embeddings(len(loaders)):
+            return {role: evaluator.embeddings(pl_module, i) for i, role in enumerate(loaders)}
+        return {role: extract_features(pl_module, loader) for role, loader in loaders.items()}
+
+    def discovered_samples(self, datamodule, discovery: dict) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """(images, labels given, true labels) of up to num_discovered images of a discovery (`history` entry:
+        training-split `index` and `label`), spread over the labels given."""
+        index, labels = np.asarray(discovery["index"]), np.asarray(discovery["label"])
+        picked = spread_sample(labels, self.num_discovered, self.seed)
+        dataset = datamodule.train_eval_dataloader(reveal_targets=True).dataset
+        items = [dataset[int(index[p])] for p in picked]
+        return ([displayable(item["image"]) for item in items], labels[picked],
+                np.array([int(item["target"]) for item in items]))
+
+    def draw_discovered(self, trainer, discovery: dict, path: Path) -> Path:
+        images, labels, truth = self.discovered_samples(trainer.datamodule, discovery)
+        wrong = "" if discovery.get("error") is None else f", {discovery['error']:.1f}% of all wrong"
+        return draw_discovered(images, labels, truth, path,
+                               f"discovery g{discovery['generation']}.{discovery['iteration']}: {len(images)} of "
+                               f"{len(discovery['index'])} images with the label each was given (red: wrong, the "
+                               f"true one in brackets){wrong}")
 
     def draw_map(self, query, path: Path, epoch: int) -> Path:
         embedding, target, _ = query

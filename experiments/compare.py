@@ -22,6 +22,7 @@ import pandas as pd
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after the non-interactive backend is chosen
+from matplotlib.ticker import MaxNLocator
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
 META = ("method", "dataset", "variant", "run")
@@ -29,6 +30,22 @@ META = ("method", "dataset", "variant", "run")
 
 def read_papers(path: Path = PAPER_RESULTS) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, na_values={"value": [""]})
+
+
+def wandb_api():
+    """wandb.Api(), or a SystemExit that says how to log in (W&B's own UsageError names no command)."""
+    import wandb
+
+    from experiments.train import wandb_logged_in
+
+    how = ("--wandb reads the project through W&B's API, which needs a login: run `wandb login` (or set "
+           "WANDB_API_KEY); local runs need no --wandb")
+    if not wandb_logged_in():
+        raise SystemExit(f"error: {how}")
+    try:
+        return wandb.Api()
+    except wandb.errors.UsageError as err:
+        raise SystemExit(f"error: {how} ({err})") from None
 
 
 # -- runs as rows ----------------------------------------------------------------------------------
@@ -48,8 +65,7 @@ def wandb_runs(project: str, api=None) -> pd.DataFrame:
     """The project's finished runs as rows like `load_run`'s (`project` = [entity/]project). `api`: a
     wandb.Api (the default needs a login)."""
     if api is None:
-        import wandb
-        api = wandb.Api()
+        api = wandb_api()
     rows = []
     for run in api.runs(project):
         config, summary = dict(run.config), dict(run.summary)
@@ -75,20 +91,29 @@ def select(runs: pd.DataFrame, method: str | None = None, dataset: str | None = 
     return runs[keep]
 
 
-def comparison(run_dirs: list[Path] | pd.DataFrame, papers: pd.DataFrame) -> pd.DataFrame:
+def comparison(run_dirs: list[Path] | pd.DataFrame, papers: pd.DataFrame, method: str | None = None,
+               dataset: str | None = None) -> pd.DataFrame:
     """One row per run and one per matching published result (same method and dataset), one column per
-    metric."""
+    metric. With no runs, the published rows of `method` / `dataset` alone (what a new run will sit beside)."""
     runs = run_dirs if isinstance(run_dirs, pd.DataFrame) else local_runs(run_dirs)
-    if runs.empty:
+    if runs.empty and not (method or dataset):
         raise SystemExit("no run with final_metrics.json given (or none left after the filters)")
-    keys = set(zip(runs["method"], runs["dataset"]))
+    if runs.empty:
+        keys = {(m, d) for m, d in zip(papers["method"], papers["dataset"])
+                if (not method or m == method) and (not dataset or d == dataset)}
+        if not keys:
+            raise SystemExit(f"no run and no published result for method {method or 'any'}, dataset "
+                             f"{dataset or 'any'} (experiments/paper_results.csv)")
+        runs = pd.DataFrame(columns=["run", "method", "dataset", "variant"])
+    else:
+        keys = set(zip(runs["method"], runs["dataset"]))
     published = papers[[(m, d) in keys for m, d in zip(papers["method"], papers["dataset"])]]
     table = runs.drop(columns=[c for c in ("group", "tags", "path") if c in runs])
     if not published.empty:
         paper_rows = (published.fillna({"variant": ""})
                       .pivot_table(index=["method", "dataset", "variant", "source"], columns="metric", values="value")
                       .reset_index().assign(run=lambda t: "paper: " + t["source"]).drop(columns="source"))
-        table = pd.concat([table, paper_rows], ignore_index=True)
+        table = pd.concat([table, paper_rows], ignore_index=True) if len(table) else paper_rows
     metrics = sorted(c for c in table.columns if c.startswith("val/"))
     return table[[*META[:3], "run", *metrics]].sort_values(["method", "dataset", "run"]).reset_index(drop=True)
 
@@ -105,26 +130,63 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def distinct_metrics(table: pd.DataFrame, metrics: list[str]) -> list[str]:
+    """`metrics` without those whose column repeats an earlier one on every row (val/nmi repeats
+    val/nmi_arithmetic or val/nmi_geometric: three identical bars say nothing more than one)."""
+    kept: list[str] = []
+    for m in metrics:
+        if not any(table[m].equals(table[k]) for k in kept):
+            kept.append(m)
+    return kept
+
+
+def default_metrics(table: pd.DataFrame, limit: int | None = None) -> list[str]:
+    """The headline metrics the table holds (experiments.console.HEADLINE's order), else its val/ metrics;
+    none that repeats another."""
+    from experiments.console import HEADLINE  # the metrics an epoch line shows, in this order
+
+    present = [c for c in table.columns if c.startswith("val/") and table[c].notna().any()]
+    chosen = [m for m in HEADLINE if m in present] or present
+    return distinct_metrics(table, chosen)[:limit]
+
+
+def label_of(run: str, variant) -> str:
+    return run if variant in ("", run) or pd.isna(variant) or str(run).startswith("paper") else f"{run} ({variant})"
+
+
 def bar_chart(table: pd.DataFrame, path: Path, metrics: list[str] | None = None) -> Path:
-    """Grouped bars: one group per metric, one bar per run (solid) and per published row (hatched)."""
-    metrics = metrics or [c for c in table.columns if c.startswith("val/") and table[c].notna().any()]
-    metrics = [m for m in metrics if m in table and table[m].notna().any()]
+    """One panel per metric (up to 4 a row), one horizontal bar per run (solid, its value written at the
+    end) and per published row (hatched), the run names on the left axis: readable at any number of runs."""
+    metrics = [m for m in (metrics or default_metrics(table)) if m in table and table[m].notna().any()]
     if not metrics:
         raise SystemExit("no metric with a value to plot")
-    rows = table[table[metrics].notna().any(axis=1)]
-    labels = [r if v in ("", r) or r.startswith("paper") else f"{r} ({v})" for r, v in zip(rows["run"], rows["variant"])]
-    width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(metrics) * len(rows) ** 0.5 + 3), 4), dpi=100)
+    rows = table[table[metrics].notna().any(axis=1)].reset_index(drop=True)
+    labels = [label_of(r, v) for r, v in zip(rows["run"], rows["variant"])]
+    cols = min(4, len(metrics))
+    lines = -(-len(metrics) // cols)
+    height = 0.28 * len(rows) + 1.0
+    fig, axes = plt.subplots(lines, cols, figsize=(2.6 * cols + 0.07 * max(map(len, labels)) + 0.6, height * lines),
+                             dpi=100, squeeze=False, sharey=True)
     cmap = plt.get_cmap("tab10")
-    for i, (label, (_, row)) in enumerate(zip(labels, rows.iterrows())):
-        paper = str(row["run"]).startswith("paper: ")
-        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(metrics))]
-        ax.bar(xs, [row[m] for m in metrics], width, label=label, color=cmap(i % 10), hatch="//" if paper else None,
-               edgecolor="black" if paper else None, alpha=0.6 if paper else 1.0)
-    ax.set_xticks(range(len(metrics)), metrics)
-    ax.set_ylabel("%")
-    ax.set_title("runs (solid, last epoch) vs papers (hatched)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ys = list(range(len(rows)))[::-1]
+    for n, ax in enumerate(axes.flat):
+        if n >= len(metrics):
+            ax.axis("off")
+            continue
+        metric = metrics[n]
+        for y, (_, row), i in zip(ys, rows.iterrows(), range(len(rows))):
+            if pd.isna(row[metric]):
+                continue
+            paper = str(row["run"]).startswith("paper: ")
+            ax.barh(y, row[metric], 0.8, color=cmap(i % 10), hatch="//" if paper else None,
+                    edgecolor="black" if paper else None, alpha=0.6 if paper else 1.0)
+            ax.annotate(f"{row[metric]:.1f}", (row[metric], y), xytext=(2, 0), textcoords="offset points",
+                        va="center", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+        ax.set_yticks(ys, labels, fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.margins(x=0.18)
+    fig.suptitle("runs (solid, last epoch) vs papers (hatched), %", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -134,8 +196,7 @@ def run_curves(run: pd.Series, metric: str, api=None) -> pd.DataFrame:
     path = str(run["path"])
     if path.startswith("wandb:"):
         if api is None:
-            import wandb
-            api = wandb.Api()
+            api = wandb_api()
         history = api.run(path.removeprefix("wandb:")).history(keys=["epoch", metric], pandas=True)
     else:
         csv = Path(path, "csv", "metrics.csv")
@@ -147,24 +208,39 @@ def run_curves(run: pd.Series, metric: str, api=None) -> pd.DataFrame:
     return history[["epoch", metric]].dropna().drop_duplicates("epoch", keep="last").sort_values("epoch")
 
 
+def curve_lines(runs: pd.DataFrame, metric: str, api=None) -> dict[str, pd.DataFrame]:
+    """{run label: (epoch, value) rows} of every run that has a history of `metric`."""
+    lines = {}
+    for _, run in runs.iterrows():
+        curve = run_curves(run, metric, api)
+        if len(curve):
+            lines[label_of(run["run"], run["variant"])] = curve
+    return lines
+
+
 def curves_chart(runs: pd.DataFrame, metrics: list[str], path: Path, api=None) -> Path | None:
-    """One panel per metric, one line per run (epochs 1-based); None when no run has a curve."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), dpi=100, squeeze=False)
-    drawn = False
+    """One panel per metric, one line per run (epochs 1-based), one colour per run in every panel and a legend
+    naming them; None when no run has a curve."""
+    labels = [label_of(r, v) for r, v in zip(runs["run"], runs["variant"])]
+    colour = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(dict.fromkeys(labels))}
+    legend_width = min(3.0, 0.6 + 0.065 * max(map(len, labels), default=8))  # inches, for the run names
+    width = 4.0 * len(metrics) + legend_width
+    fig, axes = plt.subplots(1, len(metrics), figsize=(width, 3.5), dpi=100, squeeze=False)
+    handles = {}
     for ax, metric in zip(axes[0], metrics):
-        for _, run in runs.iterrows():
-            curve = run_curves(run, metric, api)
-            if len(curve):
-                label = run["run"] if run["variant"] in ("", run["run"]) else f"{run['run']} ({run['variant']})"
-                ax.plot(curve["epoch"] + 1, curve[metric], marker="o", markersize=3, label=label)
-                drawn = True
+        for label, curve in curve_lines(runs, metric, api).items():
+            handles[label], = ax.plot(curve["epoch"] + 1, curve[metric], marker="o", markersize=3, label=label,
+                                      color=colour[label])
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric, fontsize=9)
-    if not drawn:
+    if not handles:
         plt.close(fig)
         return None
-    axes[0][-1].legend(fontsize=7, frameon=False)
-    fig.tight_layout()
+    right = 1 - legend_width / width
+    fig.tight_layout(rect=(0, 0, right, 1))
+    fig.legend(list(handles.values()), list(handles), fontsize=7, frameon=False, loc="center left",
+               bbox_to_anchor=(right, 0.5))
     return _save(fig, path)
 
 
@@ -190,10 +266,12 @@ def main(argv=None) -> None:
     runs = local_runs(args.runs)
     if args.wandb:
         runs = pd.concat([runs, wandb_runs(args.wandb)], ignore_index=True)
-    if runs.empty:
+    if runs.empty and not (args.method or args.dataset):
         raise SystemExit("no run with final_metrics.json given" + (" or in the W&B project" if args.wandb else ""))
-    runs = select(runs, args.method, args.dataset, args.tag)
-    table = comparison(runs, read_papers())
+    runs = select(runs, args.method, args.dataset, args.tag) if not runs.empty else runs
+    table = comparison(runs, read_papers(), args.method, args.dataset)
+    if runs.empty:
+        print(f"no runs of {args.method or 'any method'} on {args.dataset or 'any dataset'} yet; the papers' rows:\n")
     print(markdown(table))
     if args.csv:
         table.to_csv(args.csv, index=False)
@@ -202,9 +280,8 @@ def main(argv=None) -> None:
         (args.out / "table.md").write_text(markdown(table) + "\n")
         table.to_csv(args.out / "table.csv", index=False)
         bar_chart(table, args.out / "bars.png", args.metrics)
-        metrics = args.metrics or [c for c in table.columns if c.startswith("val/") and runs.get(c) is not None
-                                   and runs[c].notna().any()][:2]
-        curves = curves_chart(runs, metrics, args.out / "curves.png")
+        metrics = args.metrics or default_metrics(runs, limit=3) if not runs.empty else []
+        curves = curves_chart(runs, metrics, args.out / "curves.png") if metrics else None
         print(f"\nwritten to {args.out}: table.md, table.csv, bars.png" + (", curves.png" if curves else
                                                                            " (no csv/metrics.csv: no curves)"))
 

@@ -148,13 +148,21 @@ def row_config(table: Table, row: Row) -> str:
     return row.config or table.config or f"{table.method}/{row.dataset or table.dataset}.yaml"
 
 
+def row_method(table: Table, row: Row) -> str:
+    """The method a row trains: its config's folder (UMM Table 5's "Baseline ISIF" row runs isif/cifar10.yaml,
+    so its run is tagged method:isif and `compare --method isif` finds it; the table's group keeps the rows
+    together), else the table's method."""
+    folder = row_config(table, row).split("/", 1)[0]
+    return folder if folder != "datasets" and (CONFIGS / folder).is_dir() else table.method
+
+
 def train_args(table: Table, row: Row, run_dir: Path | str, logger: str, overrides: list[str]) -> list[str]:
     """The `experiments.train` arguments of one row: the config stack, the run's tags, the table's flags,
     the row's switches, then the caller's overrides (the last one wins)."""
     dataset = row.dataset or table.dataset
     configs = ["base.yaml", f"datasets/{dataset}.yaml", row_config(table, row)]
     return ["fit", *[a for c in configs for a in ("--config", os.path.relpath(CONFIGS / c))],
-            f"--run.dir={run_dir}", f"--run.logger={logger}", f"--run.method={table.method}",
+            f"--run.dir={run_dir}", f"--run.logger={logger}", f"--run.method={row_method(table, row)}",
             f"--run.dataset={dataset}", f"--run.variant={row.id}",
             f"--run.group={table.method}-{table.id.removeprefix(table.method + '-')}",
             *table.args, *row.args, *overrides]

@@ -98,7 +98,8 @@ def run_once(method: str, seed: int, budget: str, out: Path, extra: list[str]) -
     overrides = overrides + (ONE_STEP if budget == "one_step" else [])
     cmd = [sys.executable, "-m", "experiments.train", "fit", *config_args(*CONFIG_OF.get(method, (method,))),
            "--run.dir", str(run_dir), "--run.overwrite=true",  # a study's folders: a rerun replaces them
-           "--run.logger=csv", "--trainer.enable_progress_bar=false", f"--seed_everything={seed}",
+           "--run.logger=csv", "--trainer.enable_progress_bar=false", "--run.pictures=false",  # numbers only
+           f"--seed_everything={seed}",
            *(flag.format(seed=seed) for flag in SEED_FLAGS.get(method, [])), *overrides, *extra]
     started = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)  # raised below, with stderr

@@ -36,7 +36,7 @@ from urllib.parse import unquote, urlparse
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -44,8 +44,10 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.evaluation import EmbeddingEvaluator, Scoreboard
-from datamodules.base import EmbeddingDataModule
+from callbacks.pictures import Pictures
+from datamodules.base import DatasetSizeError, EmbeddingDataModule
 from datamodules.files import atomic_write
+from experiments.console import EpochLine, SuiteProgressBar, quiet_known_noise, show_progress_bar
 from lightning_modules.base import (
     EmbeddingModule,
     build_optimizer,
@@ -316,8 +318,9 @@ class ReplayHistoryOnResume(Callback):
 
 
 def wandb_offline() -> bool:
-    """W&B runs offline unless the user is logged in (or set WANDB_MODE); `wandb sync` uploads later."""
-    return os.environ.get("WANDB_MODE", "online" if wandb_logged_in() else "offline") == "offline"
+    """W&B runs offline unless the user is logged in (or set WANDB_MODE); `wandb sync` uploads later.
+    'dryrun' is W&B's older name for offline (Lightning's offline logger sets it in the process)."""
+    return os.environ.get("WANDB_MODE", "online" if wandb_logged_in() else "offline") in ("offline", "dryrun")
 
 
 def wandb_run_id(run_dir: str, resume: bool) -> str:
@@ -364,16 +367,57 @@ def check_before_the_run(logger: str, model, datamodule) -> None:
             raise ValueError(f"--model.optim: {err}; set --model.optim.<key> to a valid value") from None
 
 
+def csv_logger(run_dir: str, resume: bool = False) -> CSVLogger:
+    """<run_dir>/csv/metrics.csv, continued on resume: the local history every run keeps (make compare's curves)."""
+    return (AppendingCSVLogger if resume else CSVLogger)(save_dir=run_dir, name="csv", version="")
+
+
+def check_data(datamodule) -> None:
+    """The dataset read (`setup`: its root, files and image counts) before the run directory, the logs
+    and the W&B run exist: a missing root stops here with the datamodule's message alone (what is expected
+    under the root, where it is published), not after a traceback and with nothing left behind."""
+    if not isinstance(datamodule, EmbeddingDataModule):
+        return
+    try:
+        datamodule.setup()
+    except (OSError, DatasetSizeError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
+
+
 def build_logger(kind: str, run_dir: str, project: str, name: str, resume: bool = False,
                  group: str | None = None, tags: list[str] | None = None):
+    """wandb: W&B and the CSV history together (an offline W&B run has no local history to read back);
+    csv: the CSV history alone; none: no logger."""
     if kind == "wandb":
-        return WandbLogger(project=project, name=name, save_dir=run_dir, offline=wandb_offline(),
-                           id=wandb_run_id(run_dir, resume), resume="allow", group=group, tags=tags)
+        import wandb
+
+        logger = WandbLogger(project=project, name=name, save_dir=run_dir, offline=wandb_offline(),
+                             id=wandb_run_id(run_dir, resume), resume="allow", group=group, tags=tags,
+                             settings=wandb.Settings(quiet=True))  # the run's own lines say where it is
+        logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; W&B warns that it does nothing
+        return [logger, csv_logger(run_dir, resume)]
     if kind == "csv":
-        return (AppendingCSVLogger if resume else CSVLogger)(save_dir=run_dir, name="csv", version="")
+        return csv_logger(run_dir, resume)
     if kind == "none":
         return False
     raise ValueError(f"--run.logger {kind!r}: use one of {', '.join(LOGGERS)} (make train: LOGGER=...)")
+
+
+def run_header(run_dir: str, loggers) -> str:
+    """Where the run keeps what it writes, and where its W&B run is (its offline folder and the upload
+    command, or its URL)."""
+    lines = [f"run directory: {run_dir} (config.yaml, checkpoints/last.ckpt, final_metrics.json"
+             + (", csv/metrics.csv)" if any(isinstance(lg, CSVLogger) for lg in loggers) else ")")]
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            if getattr(run, "offline", False) or run.settings.mode == "offline":
+                lines.append(f"W&B: offline run in {Path(run.dir).parent}; upload with `wandb sync "
+                             f"{Path(run.dir).parent}`")
+            else:
+                lines.append(f"W&B: {run.url}")
+    return "\n".join(lines)
 
 
 # -- dashboards: what every run says about itself -----------------------------------------------
@@ -641,6 +685,9 @@ class SuiteCLI(LightningCLI):
         parser.add_argument("--run.variant", type=str, default="", help="protocol variant, e.g. resnet18")
         parser.add_argument("--run.group", type=str, default="", help="W&B group (default method-dataset-variant)")
         parser.add_argument("--run.tags", type=list[str], default=[], help="extra W&B tags")
+        # on by default; SUITE_PICTURES=false changes the default (the test suite's conftest: seconds per run)
+        parser.add_argument("--run.pictures", type=bool, default=os.environ.get("SUITE_PICTURES", "true") != "false",
+                            help="draw callbacks.pictures.Pictures at the end of training (unless one is configured)")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's CLI parses a checkpoint's hyperparameters over the command line before building the
@@ -674,8 +721,9 @@ class SuiteCLI(LightningCLI):
         if not saved and rank_zero_only.rank == 0:
             warnings.warn(f"--ckpt_path {ckpt_path} holds no DataModule settings (saved before they were): a change "
                           "of dataset, protocol, split or image size on this resume cannot be detected", stacklevel=1)
+        # only a resumed fit mixes protocols; validate / test of a checkpoint on other data is an evaluation
         changes = incomparable_data_changes(saved, data_settings(self.config[self.config.subcommand].data)) \
-            if saved else []
+            if saved and self.config.subcommand == "fit" else []
         if changes:
             if "://" in ckpt_path:
                 Path(local).unlink(missing_ok=True)
@@ -724,6 +772,7 @@ class SuiteCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         check_before_the_run(cfg.run.logger, self.model, self.datamodule)
+        check_data(self.datamodule)
         run_dir = self.run_dir
         if rank_zero_only.rank == 0:  # the other ranks start after rank 0 has begun writing the run
             refuse_overwriting(run_dir, cfg.get("ckpt_path"), cfg.run.overwrite)
@@ -734,7 +783,12 @@ class SuiteCLI(LightningCLI):
         name = cfg.run.name or Path(run_dir).name
         trainer_cfg = self._get(self.config_init, "trainer")
         callbacks = [*(trainer_cfg.get("callbacks") or []), last_checkpoint(f"{run_dir}/checkpoints"),
-                     FiniteWeightsOnly(), CommandLineWinsOnResume()]
+                     FiniteWeightsOnly(), CommandLineWinsOnResume(), EpochLine()]
+        if cfg.run.pictures and not any(isinstance(c, Pictures) for c in callbacks):
+            callbacks.append(Pictures())
+        kwargs["enable_progress_bar"] = show_progress_bar(trainer_cfg.get("enable_progress_bar"))
+        if kwargs["enable_progress_bar"] and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(SuiteProgressBar())
         plugins = trainer_cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -747,6 +801,7 @@ class SuiteCLI(LightningCLI):
             callbacks.append(ReplayHistoryOnResume(Path(run_dir, "csv", "metrics.csv")))
         if trainer_cfg.get("precision") is None:  # base.yaml's default: bf16 autocast where it is safe
             kwargs.setdefault("precision", default_precision(trainer_cfg.get("accelerator")))
+            cfg.trainer.precision = kwargs["precision"]  # config.yaml and W&B record the precision used
         return super().instantiate_trainer(default_root_dir=run_dir, callbacks=callbacks, plugins=plugins,
                                            logger=logger, **kwargs)
 
@@ -759,10 +814,27 @@ class SuiteCLI(LightningCLI):
             config = (f"# ckpt_path {fetched['url']} was downloaded to {fetched['path']} "
                       f"(sha256 {fetched['sha256']}); the run resumed from that file\n{config}")
         Path(self.run_dir, "config.yaml").write_text(config)
+        print(run_header(self.run_dir, self.trainer.loggers), flush=True)
         for logger in self.trainer.loggers:  # the flattened resolved config and the commit, filterable in W&B
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams({**flat_settings(self.config[self.subcommand].as_dict()),
                                         "git_commit": git_commit()})
+
+    def before_validate(self) -> None:
+        self.config_init[self.subcommand]["verbose"] = False  # Lightning's table: each metric once per loader
+
+    def after_validate(self) -> None:
+        """The checkpoint's metrics, printed once and written to <run dir>/eval_metrics.json."""
+        scores = {k: v for e in self.trainer.callbacks if isinstance(e, Scoreboard) for k, v in e.latest.items()}
+        if not self.trainer.is_global_zero:
+            return
+        cfg = self.config[self.subcommand]
+        summary = {"checkpoint": cfg.get("ckpt_path"), "data": data_settings(cfg.data), "metrics": scores}
+        Path(self.run_dir, "eval_metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+        width = max((len(n) for n in scores), default=10)
+        print("\n".join([f"checkpoint {cfg.get('ckpt_path') or '(random init)'} on {cfg.data.class_path}:",
+                         *(f"{n:<{width}}  {v:9.2f}" for n, v in sorted(scores.items())),
+                         f"written to {Path(self.run_dir, 'eval_metrics.json')}"]))
 
     def after_fit(self) -> None:
         # every evaluator's initial / latest / best, merged (semi runs add ClassificationEvaluator's val/error,
@@ -785,6 +857,7 @@ class SuiteCLI(LightningCLI):
 
 
 def main(args=None) -> None:
+    quiet_known_noise()
     SuiteCLI(args=args)
 
 

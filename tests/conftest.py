@@ -6,6 +6,7 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+os.environ.setdefault("SUITE_PICTURES", "false")  # a CLI run's default pictures cost seconds; tests ask for them
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from PIL import Image
 from experiments.compare import (
     PAPER_RESULTS,
     comparison,
+    curve_lines,
+    default_metrics,
     local_runs,
     main,
     markdown,
@@ -91,9 +93,44 @@ def test_two_real_runs_beside_the_paper(two_runs, tmp_path, capsys):
     main([*map(str, two_runs), "--out", str(tmp_path / "out"), "--metrics", "val/knn_top1"])
     assert capsys.readouterr().out.startswith(markdown(table))
     assert (tmp_path / "out" / "table.md").read_text() == markdown(table) + "\n"
-    for picture in ("bars.png", "curves.png"):  # curves: the CSV run's two epochs
+    for picture in ("bars.png", "curves.png"):
         with Image.open(tmp_path / "out" / picture) as image:
             assert image.format == "PNG" and image.size[0] >= 450
+    # both runs have a history, the W&B one too (it writes csv/metrics.csv beside its offline run): one line
+    # each, under the run's name
+    lines = curve_lines(local_runs(two_runs), "val/knn_top1")
+    assert sorted(lines) == ["csv-run", "wandb-run"] and all(len(c) == 2 for c in lines.values())
+
+
+def test_the_bar_chart_shows_the_headline_metrics_once(tmp_path):
+    """val/nmi repeats val/nmi_geometric on every row: one panel, not three identical ones; the default
+    panels are the headline metrics, and the picture stays a readable size."""
+    runs = [write_run(tmp_path / f"r{i}", "isif", "digits",
+                      {"val/knn_top1": 90.0 + i, "val/recall@1": 93.0, "val/recall@2": 96.0, "val/recall@4": 98.0,
+                       "val/recall@8": 99.0, "val/nmi": 70.0 + i, "val/nmi_geometric": 70.0 + i,
+                       "val/nmi_arithmetic": 69.0 + i, "val/map@r": 50.0, "val/r_precision": 60.0})
+            for i in range(3)]
+    table = comparison(runs, read_papers())
+    assert default_metrics(table) == ["val/knn_top1", "val/recall@1", "val/map@r", "val/nmi"]
+    assert default_metrics(table.drop(columns=["val/knn_top1", "val/recall@1", "val/map@r", "val/nmi"])) == [
+        "val/nmi_arithmetic", "val/nmi_geometric", "val/r_precision", "val/recall@2", "val/recall@4", "val/recall@8"]
+    main([*map(str, runs), "--out", str(tmp_path / "out")])
+    with Image.open(tmp_path / "out" / "bars.png") as image:
+        assert image.size[0] <= 1400 and image.size[1] <= 400  # was 2378 x 400 for ten grouped columns
+
+
+def test_no_runs_yet_shows_the_papers_rows(capsys):
+    main(["--method", "umm", "--dataset", "cub"])
+    out = capsys.readouterr().out
+    assert "no runs of umm on cub yet" in out and "| umm | cub |  | paper: UMM Table 4 |" in out
+
+
+def test_wandb_without_a_login_says_how_to_log_in(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    (tmp_path / "netrc").write_text("")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(SystemExit, match="wandb login"):
+        main(["--wandb", "me/embedding-suite"])
 
 
 def test_runs_carry_their_tags_and_group_for_filters(two_runs):

@@ -21,7 +21,7 @@ def test_two_processes_give_the_metrics_of_one(tmp_path):
     single = run(1, tmp_path)["validate"]
     double = run(2, tmp_path, "--fit")
     assert set(single) == {"val/knn_top1", "val/recall@1", "val/recall@2", "val/recall@4", "val/recall@8", "val/nmi",
-                           "val/nmi_arithmetic", "val/nmi_geometric"}
+                           "val/nmi_arithmetic", "val/nmi_geometric", "val/map@r", "val/r_precision"}
     assert double["validate"] == pytest.approx(single, abs=1e-4)
     assert all(math.isfinite(v) for v in double["fit"].values())
     assert double["fit"] != double["validate"]  # the DDP fit changed the weights

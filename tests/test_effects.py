@@ -42,3 +42,17 @@ def test_summary_marks_a_direction_the_paper_does_not_have():
               "value": v, "git_commit": "x", "budget": "b"} for r, v in (("full", 80.0), ("hard", 82.0))]
     assert summary(pd.DataFrame(lines)).splitlines()[-1] == \
         "| isif | Hard vs Full | val/knn_top1 | 0 | +2.0 (+2.0) | -0.4 | ✗ | b |"
+
+
+def test_a_row_that_trains_another_method_stays_in_its_table(tmp_path):
+    """UMM Table 5's Baseline ISIF row is tagged method:isif (it trains ISIF); its group names the table."""
+    out = tmp_path / "umm-table5-cpu"
+    for row, method in (("baseline-isif", "isif"), ("l-s", "umm")):
+        directory = out / row / "seed0"
+        directory.mkdir(parents=True)
+        run = {"method": method, "group": "umm-table5-cpu", "git_commit": "abc"}
+        (directory / "final_metrics.json").write_text(json.dumps({"run": run, "final": {"val/knn_top1": 80.0}}))
+    main([str(out), "--results", str(tmp_path / "results.csv")])
+    lines = read_results(tmp_path / "results.csv")
+    assert set(zip(lines.method, lines.table, lines.row)) == {("umm", "umm-table5-cpu", "baseline-isif"),
+                                                              ("umm", "umm-table5-cpu", "l-s")}

@@ -29,10 +29,13 @@ def test_roles_select_the_metrics():
     query, query_t = unit((1, 0), (0, 1)), torch.tensor([0, 1])
     # seen protocol: kNN against the reference; the query's leave-one-out R@1 is 0 (no positives)
     seen = evaluator.score({"reference": (unit((1, 0.1), (0.1, 1)), torch.tensor([1, 0])), "query": (query, query_t)})
-    assert seen == {"val/knn_top1": 0.0, "val/recall@1": 0.0}
+    # (no query has a positive among the others: MAP@R has no query to average and reports 0)
+    assert seen == {"val/knn_top1": 0.0, "val/recall@1": 0.0, "val/map@r": 0.0, "val/r_precision": 0.0}
     # query -> gallery (In-Shop): no self exclusion, the nearest gallery item decides
     gallery = (unit((1, 0.1), (0.1, 1)), torch.tensor([0, 0]))
-    assert evaluator.score({"query": (query, query_t), "gallery": gallery}) == {"val/recall@1": 50.0}
+    # MAP@R: only query 0 has class-0 items in the gallery (R = 2, both ranked first)
+    assert evaluator.score({"query": (query, query_t), "gallery": gallery}) == {
+        "val/recall@1": 50.0, "val/map@r": 100.0, "val/r_precision": 100.0}
 
 
 def test_nmi_options_are_checked():

@@ -367,3 +367,47 @@ def test_nmi_is_scikit_learns_best_of_ten_k_means_plus_plus_on_a_cub_sized_case(
     expected = metrics.nmi_from_labels(targets, reference)
     assert 95 < expected < 100
     assert metrics.nmi(x, targets) == pytest.approx(expected, abs=0.3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MAP@R and R-precision
+# ----------------------------------------------------------------------------------------------------
+def test_map_at_r_by_hand():
+    """Query [1, 0] (class 0) against a gallery where class 0 holds items 0 and 2, so R = 2: ranked item 0 (hit),
+    item 1 (class 1, miss) -> AP@R = (1/1) / 2, R-precision = 1/2. Leave-one-out on the same five rows: the query
+    is never its own neighbour (R counts the others)."""
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.95, 0.3], [0.9, 0.45], [0.8, 0.6],
+                                                      [-1.0, 0.1]]), dim=1)
+    targets = torch.tensor([0, 0, 1, 0, 1])
+    alone = metrics.map_at_r(emb[:1], targets[:1], emb[1:], targets[1:])
+    assert alone == pytest.approx({"map@r": 50.0, "r_precision": 50.0})
+    # leave-one-out, per query (R; its R nearest others' classes -> AP@R, R-precision):
+    # 0 (2; 0 1 -> 1/2, 1/2), 1 (2; item 2 then item 0: 1 0 -> (1/2)/2, 1/2), 2 (1; 0 -> 0, 0),
+    # 3 (2; item 2 then item 1: 1 0 -> 1/4, 1/2), 4 (1; item 3: 0 -> 0, 0)
+    loo = metrics.map_at_r(emb, targets)
+    assert loo == pytest.approx({"map@r": 100 * (0.5 + 0.25 + 0 + 0.25 + 0) / 5,
+                                 "r_precision": 100 * (0.5 + 0.5 + 0 + 0.5 + 0) / 5})
+
+
+@pytest.mark.parametrize("gallery", [False, True])
+def test_map_at_r_equals_pytorch_metric_learning(gallery):
+    """The same numbers as pytorch-metric-learning's AccuracyCalculator (k = max bin count): leave-one-out
+    (reference = query set, the query excluded) and query -> gallery; a lone class (R = 0) is left out."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.cat([torch.randint(0, 7, (120,), generator=g), torch.tensor([9])])  # class 9: lone query
+    emb = torch.nn.functional.normalize(torch.randn(121, 16, generator=g) + torch.eye(16)[targets % 16], dim=1)
+    calc = AccuracyCalculator(include=("mean_average_precision_at_r", "r_precision"), k="max_bin_count",
+                              device=torch.device("cpu"))
+    if gallery:
+        g_targets = torch.randint(0, 7, (200,), generator=g)
+        g_emb = torch.nn.functional.normalize(torch.randn(200, 16, generator=g) + torch.eye(16)[g_targets], dim=1)
+        ours = metrics.map_at_r(emb, targets, g_emb, g_targets)
+        theirs = calc.get_accuracy(emb, targets, g_emb, g_targets, ref_includes_query=False)
+    else:
+        ours = metrics.map_at_r(emb, targets)
+        theirs = calc.get_accuracy(emb, targets, emb, targets, ref_includes_query=True)
+    assert ours["map@r"] == pytest.approx(100 * theirs["mean_average_precision_at_r"], abs=1e-6)
+    assert ours["r_precision"] == pytest.approx(100 * theirs["r_precision"], abs=1e-6)
+    assert 5 < ours["map@r"] < 95  # neither trivial nor perfect: the ranking matters

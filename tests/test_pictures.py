@@ -66,3 +66,23 @@ def test_neighbours_and_the_sample_spread_over_classes():
     picked = spread_sample(target, 3)
     assert sorted(target[picked].tolist()) == [0, 1, 2]
     assert len(spread_sample(target, 100)) == 7
+
+
+def test_the_discovered_images_with_the_labels_they_were_given(tmp_path):
+    dm = DigitsDataModule(num_workers=0)
+    dm.setup()
+    truth = np.asarray(dm.splits["train"].targets)
+    index = np.arange(40, 80)
+    given = truth[index].copy()
+    given[:3] = (given[:3] + 1) % 10  # three wrong labels
+    discovery = {"generation": 1, "iteration": 1, "index": index.tolist(), "label": given.tolist(), "error": 7.5}
+    callback = Pictures(num_discovered=12)
+    images, labels, true = callback.discovered_samples(dm, discovery)
+    assert len(images) == 12 and images[0].shape == (8, 8)
+    shown = spread_sample(given, 12)  # positions in the discovery, spread over the labels given
+    assert labels.tolist() == given[shown].tolist() and true.tolist() == truth[index[shown]].tolist()
+
+    class Trainer:
+        datamodule = dm
+    path = callback.draw_discovered(Trainer(), discovery, tmp_path / "discovered.png")
+    assert png_size(path) == (800, 280)  # 8 columns x 2 rows of 1.25-inch cells (image and title) + the title

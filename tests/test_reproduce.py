@@ -41,6 +41,15 @@ def test_every_table_parses_and_the_cli_accepts_its_rows(tmp_path):
         cli.parser.parse_args(args + switches[stack])  # exits with the CLI's error on a bad row
 
 
+def test_a_row_on_another_methods_config_is_tagged_with_that_method(tmp_path):
+    table = load_table(TABLES / "umm-table5-digits.yaml")
+    baseline, full = table.rows[0], next(r for r in table.rows if r.id == "l-s-l-n-l-r")
+    assert baseline.name == "Baseline ISIF"
+    assert "--run.method=isif" in train_args(table, baseline, tmp_path, "none", [])
+    assert "--run.method=umm" in train_args(table, full, tmp_path, "none", [])
+    assert "--run.group=umm-table5-digits" in train_args(table, baseline, tmp_path, "none", [])
+
+
 def test_a_table_file_with_a_mistake_names_it(tmp_path):
     bad = tmp_path / "isif-bad.yaml"
     bad.write_text(yaml.safe_dump({"method": "isif", "dataset": "digits", "source": "x", "metrics": ["val/knn_top1"],

@@ -151,15 +151,26 @@ def test_resume_obeys_the_command_line_and_keeps_the_csv_history(tmp_path, monke
     assert {int(r["epoch"]) for r in rows if r.get("val/knn_top1")} == {0, 1}
 
 
-def test_a_resumed_wandb_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+def test_a_resumed_wandb_run_continues_the_same_wandb_run_and_holds_the_epochs_before_the_kill(tmp_path, monkeypatch):
+    """A kill -9 can leave the first offline folder with its header only (7 bytes: what W&B had not yet
+    written is lost), and syncing the resumed folder replaces the first anyway: the resumed folder holds
+    epoch 0 again, from metrics.csv, before its own epoch 1."""
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     run = tmp_path / "run"
     cli(run, "--trainer.max_epochs=1", "--run.logger=wandb")
     run_id = (run / WANDB_ID_FILE).read_text().strip()
+    first = next((run / "wandb").glob("offline-run-*"))
+    log = next(written(first).glob("run-*.wandb"))
+    log.write_bytes(log.read_bytes()[:7])
     cli(run, "--trainer.max_epochs=2", "--run.logger=wandb", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
     offline = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 2
     assert [p.name.rsplit("-", 1)[-1] for p in offline] == [run_id, run_id]
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in wandb_records(next(written(offline[1]).glob("run-*.wandb"))) if r.HasField("history")]
+    validated = [row["epoch"] for row in history if "val/knn_top1" in row]
+    assert validated == [0, 1]
+    assert [row["trainer/global_step"] for row in history] == sorted(row["trainer/global_step"] for row in history)
 
 
 HISTORY = "step,epoch,train/loss,val/knn_top1\n2,0,1.5,\n2,0,,70.0\n5,1,1.25,\n5,1,,80.0\n8,2,1.0,\n"

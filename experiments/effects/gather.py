@@ -35,9 +35,11 @@ def runs_under(out: Path) -> pd.DataFrame:
         if not group or not seed.isdigit():
             continue
         method = run.get("method") or group.split("-")[0]
-        table_id = f"{method}-{group.removeprefix(method + '-')}"
+        # the group is the table's id; a row may train another method (UMM Table 5's Baseline ISIF: method isif)
+        table_id = group if (TABLES / f"{group}.yaml").is_file() else f"{method}-{group.removeprefix(method + '-')}"
         table_file = TABLES / f"{table_id}.yaml"
-        budget = load_table(table_file).budget if table_file.is_file() else ""
+        table = load_table(table_file) if table_file.is_file() else None
+        method, budget = (table.method, table.budget) if table else (method, "")
         for metric, value in result.get("final", {}).items():
             lines.append({"method": method, "table": table_id, "row": row, "seed": int(seed), "metric": metric,
                           "value": float(value), "git_commit": run.get("git_commit", ""), "budget": budget})

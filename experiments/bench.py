@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from callbacks import metrics, search
+from callbacks import faiss_build, metrics, search
 
 KNN_K = 200
 PLAIN_TORCH_MAX_BYTES = 8 * 2**30  # a full N x N float32 matrix above this is computed blockwise
@@ -73,12 +73,8 @@ def device_info() -> str:
         where = f"GPU {torch.cuda.get_device_name()}"
     else:
         where = f"CPU {_cpu_model()}"
-    faiss_part = (
-        "faiss missing"
-        if faiss is None
-        else f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads, {faiss.get_num_gpus()} GPUs, "
-        f"{'GPU build' if hasattr(faiss, 'StandardGpuResources') else 'CPU build'})"
-    )
+    faiss_part = faiss_build.describe(faiss) + (
+        f" ({faiss.omp_get_max_threads()} OpenMP threads)" if faiss is not None else "")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"{where}; torch {torch.__version__} ({torch.get_num_threads()} threads); {faiss_part}; "

@@ -23,6 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks import metrics
 from callbacks.refine import refined_recall_at_k
+from callbacks.search import resolve_backend
 from lightning_modules.base import divergence_message, saved_checkpoint
 
 
@@ -113,7 +114,7 @@ class EmbeddingEvaluator(Scoreboard):
       nmi_average: the normalisation `val/nmi` reports: "arithmetic" (lifted-struct formula, sklearn >=
         0.22) or "geometric" (ISIF era); both are logged as val/nmi_<average> from the same clustering.
       kmeans_restarts, seed: k-means restarts and seed, set explicitly so NMI is reproducible.
-      backend: "auto" (faiss, on GPU when present) or "torch".
+      backend: "auto" (faiss, on GPU when present), "faiss-gpu" (refused without faiss's GPU build) or "torch".
       refine_m, refine_alpha, refine_lambda, refine_max_sweeps: test-time refinement (ROUL, callbacks.refine):
         each query's top-M re-ranked by the module's predicted relative orders (`predict_orders` on the
         "order_feature" its validation_step returns), reported as val/recall@K_refined beside val/recall@K;
@@ -139,6 +140,8 @@ class EmbeddingEvaluator(Scoreboard):
         self.nmi, self.nmi_average, self.kmeans_restarts = nmi, nmi_average, kmeans_restarts
         self.seed, self.backend, self.knn_extra_ks = seed, backend, list(knn_extra_ks)
         self.map_at_r = map_at_r
+        if backend == "faiss-gpu":  # refused now, not at the first validation
+            resolve_backend(backend)
         if refine_m == 1 or refine_m < 0:
             raise ValueError(f"refine_m {refine_m}: use 0 (no refinement) or a top-M list of M >= 2")
         self.refine = {"m": refine_m, "alpha": refine_alpha, "lam": refine_lambda, "max_sweeps": refine_max_sweeps}

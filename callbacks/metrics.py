@@ -7,7 +7,8 @@ conventions follow specs/datasets-and-metrics.md section 3.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -106,6 +107,50 @@ def _count_above(tile: Tensor, best: Tensor, in_place: bool | None = None) -> Te
     return torch.gt(tile, best, out=tile).sum(dim=1)
 
 
+def run_blocks(block: Callable[..., None], blocks: list[tuple], buffer_elements: int, device: torch.device) -> None:
+    """`block(*args, buffer)` for every args in `blocks`, each with a scratch buffer of `buffer_elements`.
+
+    On the CPU, with more than one torch thread, the blocks are shared by as many Python threads, each
+    running its blocks' small GEMMs single-threaded and taking the next block when it is done: a thread that
+    shares its core with another process (DataLoader workers, a concurrent run) then only does fewer blocks.
+    Multi-threaded GEMMs per tile instead wait at every tile for their slowest thread (a Recall@K 11x slower
+    beside one busy process). The blocks write disjoint rows, so the result does not depend on the order.
+    On a GPU, one stream: the blocks in order."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or len(blocks) == 1:
+        buffer = torch.empty(buffer_elements, device=device)
+        for args in blocks:
+            block(*args, buffer)
+        return
+    work = iter(blocks)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        buffer = torch.empty(buffer_elements, device=device)
+        while not errors:
+            with lock:
+                args = next(work, None)
+            if args is None:
+                return
+            try:
+                block(*args, buffer)
+            except BaseException as err:  # re-raised in the caller
+                errors.append(err)
+
+    torch.set_num_threads(1)  # each worker's GEMMs on its own core; restored below
+    try:
+        workers = [threading.Thread(target=worker) for _ in range(min(threads, len(blocks)))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
+
+
 def _positive_ranks(
     queries: Tensor, query_targets: Tensor, gallery: Tensor, gallery_targets: Tensor, leave_one_out: bool
 ) -> tuple[Tensor, Tensor]:
@@ -133,10 +178,10 @@ def _positive_ranks(
     ends = (starts + rows).clamp_max(num_queries)
     firsts = torch.searchsorted(gy_sorted, qy_sorted[starts]).tolist()
     lasts = torch.searchsorted(gy_sorted, qy_sorted[ends - 1], right=True).tolist()
-    buffer = torch.empty(rows * cols, device=queries.device)
     ranks = torch.empty(num_queries, dtype=torch.int32, device=queries.device)
     has_positive = torch.empty(num_queries, dtype=torch.bool, device=queries.device)
-    for start, first, last in zip(starts.tolist(), firsts, lasts):
+
+    def block(start: int, first: int, last: int, buffer: Tensor) -> None:
         q, qy = q_sorted[start : start + rows], qy_sorted[start : start + rows]
         sims = q @ g_sorted[first:last].T  # the block's positives and the negatives between them
         positive = gy_sorted[first:last] == qy[:, None]
@@ -153,6 +198,8 @@ def _positive_ranks(
                 count += _count_above(tile, best)
         ranks[start : start + rows] = count
         has_positive[start : start + rows] = positive.any(dim=1)
+
+    run_blocks(block, list(zip(starts.tolist(), firsts, lasts)), rows * cols, queries.device)
     unsorted = torch.empty_like(ranks), torch.empty_like(has_positive)
     unsorted[0][query_order], unsorted[1][query_order] = ranks, has_positive
     return unsorted

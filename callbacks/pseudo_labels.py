@@ -19,7 +19,7 @@ from torch import Tensor
 
 from callbacks.features import extract_features
 from callbacks.metrics import nmi_from_labels
-from callbacks.search import check_init, kmeans
+from callbacks.search import check_init, kmeans, resolve_backend
 
 
 def cluster_centers(x: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
@@ -71,6 +71,8 @@ class KMeansPseudoLabels(L.Callback):
         self.num_clusters, self.every_n_epochs = num_clusters, every_n_epochs
         check_init(init)
         self.seed, self.restarts, self.iterations, self.backend = seed, restarts, iterations, backend
+        if backend == "faiss-gpu":  # refused now, not at the first clustering
+            resolve_backend(backend)
         self.init = init
         self.labels: Tensor | None = None   # (N,) int64, CPU
         self.centers: Tensor | None = None  # (K', d) float32, CPU

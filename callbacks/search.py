@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-Backend = Literal["auto", "faiss", "torch"]
+Backend = Literal["auto", "faiss", "faiss-gpu", "torch"]
 
 # 2**25 float32 similarities = 128 MiB per block: large enough for BLAS efficiency, small enough for
 # the CPU memory of a laptop and for a GPU that also holds a model.
@@ -44,7 +44,13 @@ def load_faiss() -> ModuleType | None:
 
 
 def resolve_backend(backend: Backend) -> Literal["faiss", "torch"]:
-    """Turn ``"auto"`` into a concrete backend and fail early when faiss is asked for but missing."""
+    """Turn ``"auto"`` into a concrete backend and fail early when faiss is asked for but missing.
+    ``"faiss-gpu"``: faiss, refused unless its GPU build is installed (never a silent CPU fallback)."""
+    if backend == "faiss-gpu":
+        from callbacks.faiss_build import require_gpu_build
+
+        require_gpu_build(load_faiss(), "backend='faiss-gpu' (GPU search and k-means)")
+        return "faiss"
     if backend == "auto":
         return "faiss" if load_faiss() is not None else "torch"
     if backend == "faiss" and load_faiss() is None:
@@ -52,7 +58,7 @@ def resolve_backend(backend: Backend) -> Literal["faiss", "torch"]:
             "backend='faiss' needs faiss: install faiss-cpu (or faiss-gpu), or pass backend='torch'"
         )
     if backend not in ("faiss", "torch"):
-        raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+        raise ValueError(f"backend must be 'auto', 'faiss', 'faiss-gpu' or 'torch', got {backend!r}")
     return backend
 
 
@@ -83,11 +89,25 @@ def faiss_gpu_device(device: torch.device, faiss: ModuleType | None) -> int | No
     and sees a GPU runs on that tensor's GPU (under DDP, each rank's own); CPU data, faiss-cpu (which
     has no ``StandardGpuResources``) or no visible GPU keep the CPU path.
     """
-    if device.type != "cuda" or faiss is None or not hasattr(faiss, "StandardGpuResources"):
+    if device.type != "cuda" or faiss is None:
+        return None
+    if not hasattr(faiss, "StandardGpuResources"):
+        _warn_cpu_build(faiss)
         return None
     if faiss.get_num_gpus() == 0:
         return None
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _warn_cpu_build(faiss: ModuleType) -> None:
+    """Once per process: GPU data searched by faiss's CPU build (backend 'faiss-gpu' refuses this instead)."""
+    import warnings
+
+    from callbacks.faiss_build import GPU_INSTALL, describe
+
+    warnings.warn(f"data on the GPU but {describe(faiss)}: faiss searches and clusters on the CPU; for the GPU "
+                  f"install `{GPU_INSTALL}`", stacklevel=3)
 
 
 _FAISS_GPU_MAX_K = 2048  # faiss GPU's largest k for a flat search; larger k searches on the CPU
@@ -118,10 +138,20 @@ def _faiss_topk(queries: Tensor, reference: Tensor, k: int) -> tuple[Tensor, Ten
     index = faiss.IndexFlatIP(reference.shape[1])
     gpu = faiss_gpu_device(reference.device, faiss)
     if gpu is not None and k <= _FAISS_GPU_MAX_K:
-        index = faiss.index_cpu_to_gpu(_gpu_resources(gpu), gpu, index)
+        return _search_on_device(faiss.index_cpu_to_gpu(_gpu_resources(gpu), gpu, index), queries, reference, k)
     index.add(_to_numpy(reference))
     sims, idx = index.search(_to_numpy(queries), k)
     return torch.from_numpy(sims).to(queries.device), torch.from_numpy(idx).to(queries.device)
+
+
+def _search_on_device(index, queries: Tensor, reference: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """A faiss GPU index fed torch CUDA tensors (faiss.contrib.torch_utils): the embeddings and the results
+    stay on the device, with no round trip through numpy."""
+    import faiss.contrib.torch_utils  # noqa: F401  (faiss's indexes then take and return torch tensors)
+
+    index.add(reference.detach().float().contiguous())
+    sims, idx = index.search(queries.detach().float().contiguous(), k)
+    return sims, idx.long()
 
 
 def _torch_topk(queries: Tensor, reference: Tensor, k: int) -> tuple[Tensor, Tensor]:

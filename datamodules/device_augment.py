@@ -150,13 +150,17 @@ def brightness(x: torch.Tensor, factor: torch.Tensor, pil_uint8: bool = False) -
     return blend(torch.zeros_like(x), x, factor, pil_uint8)
 
 
+def gray_mean(gray: torch.Tensor, pil_uint8: bool = False) -> torch.Tensor:
+    """(B, 1, 1, 1) mean of each image's luma `gray` (from `grayscale`), Contrast's degenerate image; with
+    `pil_uint8` ImageEnhance.Contrast's int(mean of the uint8 L image + 0.5)."""
+    if pil_uint8:
+        levels = torch.round(gray[:, :1].double() * 255)
+        return (torch.floor(levels.mean(dim=(1, 2, 3), keepdim=True) + 0.5) / 255).to(gray.dtype)
+    return gray[:, :1].mean(dim=(1, 2, 3), keepdim=True)
+
+
 def contrast(x: torch.Tensor, factor: torch.Tensor, pil_uint8: bool = False) -> torch.Tensor:
-    if pil_uint8:  # ImageEnhance.Contrast: int(mean of the uint8 L image + 0.5)
-        levels = torch.round(grayscale(x, pil_uint8)[:, :1].double() * 255)
-        mean = (torch.floor(levels.mean(dim=(1, 2, 3), keepdim=True) + 0.5) / 255).to(x.dtype)
-    else:
-        mean = grayscale(x)[:, :1].mean(dim=(1, 2, 3), keepdim=True)
-    return blend(mean.expand_as(x), x, factor, pil_uint8)
+    return blend(gray_mean(grayscale(x, pil_uint8), pil_uint8).expand_as(x), x, factor, pil_uint8)
 
 
 def saturation(x: torch.Tensor, factor: torch.Tensor, pil_uint8: bool = False) -> torch.Tensor:
@@ -175,14 +179,25 @@ def hue(x: torch.Tensor, factor: torch.Tensor, pil_uint8: bool = False) -> torch
 
 class ColorJitter(Op):
     """ColorJitter with its ranges ((lo, hi) or None per adjustment), in a random order per image, applied
-    with probability p (RandomApply around it)."""
+    with probability p (RandomApply around it).
+
+    Two equal computations (the same pixels, tests/test_device_augment.py): on an accelerator `by_selection`,
+    which never blocks the host; on the CPU, where a host sync costs nothing, `by_gathering`, which adjusts
+    only the images an adjustment applies to (4x less hue work). `sync_free` forces one (None: by device)."""
 
     adjust = (brightness, contrast, saturation, hue)
+    sync_free: bool | None = None
 
     def __init__(self, ranges: Sequence[Sequence[float] | None], p: float = 1.0):
         self.ranges, self.p, self.draws = list(ranges), p, 1 + 4 + 4
 
     def __call__(self, x, u):
+        sync_free = x.device.type != "cpu" if self.sync_free is None else self.sync_free
+        return self.by_selection(x, u) if sync_free else self.by_gathering(x, u)
+
+    def by_gathering(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Each adjustment on the images that take it at each position (a boolean-mask gather and an `any()`
+        per adjustment and position: host syncs on a GPU)."""
         apply, factors, order = u[:, 0] < self.p, u[:, 1:5], torch.argsort(u[:, 5:9], dim=1)
         x = x.clone()
         for position in range(4):
@@ -192,6 +207,38 @@ class ColorJitter(Op):
                     continue
                 factor = bounds[0] + (bounds[1] - bounds[0]) * factors[rows, k]
                 x[rows] = fn(x[rows], factor.to(x.dtype), self.pil_uint8)
+        return x
+
+    def by_selection(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Sync-free: at each of the 4 positions every image takes the adjustment its order puts there, chosen
+        with `torch.where`. Brightness, contrast and saturation are one `blend` with each image's own
+        degenerate (black, its mean luma, its luma); hue is computed for the whole batch and kept where
+        chosen. Each image's arithmetic is that of its adjustment, so the pixels equal `by_gathering`'s."""
+        apply, order = u[:, 0] < self.p, torch.argsort(u[:, 5:9], dim=1)
+        factors = torch.stack([lo_hi[0] + (lo_hi[1] - lo_hi[0]) * u[:, 1 + k] if lo_hi is not None
+                               else torch.zeros_like(u[:, 1 + k]) for k, lo_hi in enumerate(self.ranges)], 1)
+        factors = factors.to(x.dtype)
+        on = [k for k, lo_hi in enumerate(self.ranges) if lo_hi is not None]
+        blends = [k for k in on if k < 3]
+        for position in range(4):
+            chosen = torch.where(apply, order[:, position], -1)  # the adjustment of each image; -1: none
+            factor = factors.gather(1, order[:, position:position + 1])[:, 0]
+            out = x
+            if blends:
+                degenerate = torch.zeros_like(x)  # brightness
+                if 1 in blends or 2 in blends:
+                    gray = grayscale(x, self.pil_uint8)
+                    if 1 in blends:
+                        degenerate = torch.where(_per_image(chosen == 1), gray_mean(gray, self.pil_uint8),
+                                                 degenerate)
+                    if 2 in blends:
+                        degenerate = torch.where(_per_image(chosen == 2), gray, degenerate)
+                blended = blend(degenerate, x, factor, self.pil_uint8)
+                take = torch.stack([chosen == k for k in blends]).any(0)
+                out = torch.where(_per_image(take), blended, out)
+            if 3 in on:
+                out = torch.where(_per_image(chosen == 3), hue(x, factor, self.pil_uint8), out)
+            x = out
         return x
 
 
@@ -272,9 +319,17 @@ class DevicePipeline:
         for op in self.ops:
             x = op(x, noise[:, start:start + op.draws])
             start += op.draws
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = self.normalization(x.device)
         return (x - mean) / std
+
+    def normalization(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, C, 1, 1) mean and std on `device`, built once per device (a tensor from a Python list is a
+        host-to-device copy, which blocks on a GPU)."""
+        cache = self.__dict__.setdefault("_normalization", {})
+        if device not in cache:
+            cache[device] = (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                             torch.tensor(self.std, device=device).view(1, -1, 1, 1))
+        return cache[device]
 
 
 def _translate(op) -> Op | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from callbacks import metrics, search
+from callbacks import faiss_build, metrics, search
 
 KNN_K = 200
 PLAIN_TORCH_MAX_BYTES = 8 * 2**30  # a full N x N float32 matrix above this is computed blockwise
@@ -73,12 +74,8 @@ def device_info() -> str:
         where = f"GPU {torch.cuda.get_device_name()}"
     else:
         where = f"CPU {_cpu_model()}"
-    faiss_part = (
-        "faiss missing"
-        if faiss is None
-        else f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads, {faiss.get_num_gpus()} GPUs, "
-        f"{'GPU build' if hasattr(faiss, 'StandardGpuResources') else 'CPU build'})"
-    )
+    faiss_part = faiss_build.describe(faiss) + (
+        f" ({faiss.omp_get_max_threads()} OpenMP threads)" if faiss is not None else "")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"{where}; torch {torch.__version__} ({torch.get_num_threads()} threads); {faiss_part}; "
@@ -285,6 +282,45 @@ def _floor_row(n: int, dim: int, repeats: int) -> str:
     return f"| {n:,} x {dim} | {ours:.2f} | {floor:.2f} | {ours / floor:.2f} | {faiss:.2f} | {faiss / floor:.2f} |"
 
 
+class BusyProcess:
+    """`with BusyProcess():` one other Python process spinning on a core (`while True: pass`), as a DataLoader
+    worker or a concurrent run is beside an evaluation during training."""
+
+    def __enter__(self):
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)  # started and spinning
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def contention_row(n: int, dim: int, repeats: int) -> str:
+    """Recall@K and the GEMM floor (the evaluator's tiling), medians of `repeats` interleaved runs, on a quiet
+    machine and beside one busy process: the evaluator must keep its ratio to the floor under contention."""
+    size = EvalSize(f"{n}", n, dim, n // 5, (1, 10, 100), restarts=1, iterations=1)
+    emb, y = random_split(size)
+    rows, cols = search.tile_shape(emb.device)
+    runs = {"ours": lambda: metrics.recall_at_k(emb, y, size.ks), "floor": lambda: gemm_floor(emb, rows, cols)}
+
+    def medians() -> dict[str, float]:
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                times[name].append(_timed(fn)[0])
+        return {k: statistics.median(v) for k, v in times.items()}
+
+    quiet = medians()
+    with BusyProcess():
+        busy = medians()
+    return (f"| {n:,} x {dim} | {quiet['ours']:.2f} | {quiet['floor']:.2f} | {quiet['ours'] / quiet['floor']:.2f} | "
+            f"{busy['ours']:.2f} | {busy['floor']:.2f} | {busy['ours'] / busy['floor']:.2f} |")
+
+
 def _floor_table(quick: bool) -> list[str]:
     """Recall@K (ours, leave-one-out, K = 1, 10, 100) against the GEMM floor and a bare faiss exact top-101
     search, on the evaluator's device."""
@@ -295,7 +331,12 @@ def _floor_table(quick: bool) -> list[str]:
              f"{search._BLOCK_ELEMENTS:,} similarities, nothing read back):"), "",
             "| N x D | ours (s) | GEMM floor (s) | ours / floor | bare faiss top-101 (s) | faiss / floor |",
             "|---|---|---|---|---|---|",
-            *(_floor_row(n, dim, repeats) for n, dim in (FLOOR_QUICK if quick else FLOOR_SIZES))]
+            *(_floor_row(n, dim, repeats) for n, dim in (FLOOR_QUICK if quick else FLOOR_SIZES)), "",
+            (f"Recall@K beside one busy process (`python -c 'while True: pass'`), medians of {repeats} interleaved "
+             f"runs, {torch.get_num_threads()} torch threads; the evaluator must stay within 1.5x of the floor:"), "",
+            "| N x D | ours, quiet (s) | floor, quiet (s) | ours / floor | ours, busy (s) | floor, busy (s) | "
+            "ours / floor, busy |", "|---|---|---|---|---|---|---|",
+            contention_row(*(FLOOR_QUICK if quick else FLOOR_SIZES)[0], repeats)]
 
 
 # ---- TAC-CCL: k-means pseudo-label refresh and training throughput ----------------------------------
@@ -887,9 +928,93 @@ def bench_kmeans(quick: bool = False, sizes: tuple[KMeansSize, ...] | None = Non
     return "\n".join(lines)
 
 
+# ---- CPU step: the effect tables' network, each speed switch, paired --------------------------------------
+
+@dataclass(frozen=True)
+class StepSize:
+    """The step timed: `backbone` at `image` px, `batch` instances x 2 views (ISIF), `rounds` interleaved."""
+
+    backbone: str
+    image: int
+    batch: int
+    rounds: int
+    budget: int  # the run length a one-off cost (compilation) is weighed against
+
+
+STEP_FULL = StepSize("small_cnn", 32, 128, rounds=15, budget=400)  # the effect tables: 4 x 100 steps of 128
+STEP_QUICK = StepSize("small_cnn", 16, 8, rounds=2, budget=400)
+STEP_VARIANTS = ("bare fp32", "channels_last", "bf16 autocast", "torch.compile")
+
+
+def _isif_step(variant: str, size: StepSize) -> Callable[[], float]:
+    """One ISIF training step (forward of both views, loss, backward, SGD) under `variant`, on a fixed batch."""
+    from lightning_modules.isif import ISIF, isif_loss
+
+    torch.manual_seed(0)
+    model = ISIF(backbone=size.backbone, channels_last=variant == "channels_last", compile=variant == "torch.compile")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
+    views = [torch.randn(size.batch, 3, size.image, size.image) for _ in range(2)]
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
+            loss = isif_loss(*model.embed_views(views))["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    return step
+
+
+def step_rates(size: StepSize, variants: tuple[str, ...] = STEP_VARIANTS) -> dict[str, dict[str, float]]:
+    """Per variant: the first step's seconds (compilation, allocator) and the median step of `rounds`, the
+    variants interleaved step by step so that other processes' load falls on all of them alike."""
+    steps = {v: _isif_step(v, size) for v in variants}
+    first = {v: _timed(steps[v])[0] for v in variants}
+    for v in variants:  # a second warm-up (compile's guards, the optimizer's state)
+        steps[v]()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(size.rounds):
+        for v in variants:
+            times[v].append(_timed(steps[v])[0])
+    return {v: {"first": first[v], "step": statistics.median(times[v])} for v in variants}
+
+
+def bench_cpu_step(quick: bool = False) -> str:
+    """The CPU step throughput of the effect tables' network (ISIF step, 2 views) under each speed switch,
+    and the resident data path against DataLoader + PIL with that network."""
+    size = STEP_QUICK if quick else STEP_FULL
+    rates = step_rates(size, STEP_VARIANTS[:-1] if quick else STEP_VARIANTS)  # compiling takes minutes
+    bare = rates["bare fp32"]["step"]
+    rows = []
+    for variant, r in rates.items():
+        saved = bare - r["step"]
+        overhead = max(0.0, r["first"] - r["step"])
+        pays = (f"{overhead / saved:,.0f} steps" if saved > 0 else "never") if variant != "bare fp32" else "-"
+        rows.append(f"| {variant} | {2 * size.batch / r['step']:,.0f} | {bare / r['step']:.2f} | "
+                    f"{r['first']:.2f} | {pays} |")
+    data_size = DataSize(1_024 if quick else 4_096, size.batch, 3 if quick else 20, 1 if quick else 3, size.backbone)
+    workers = min(2, os.cpu_count() or 1)
+    data_rows = []
+    for name, resident, loader_workers in (("DataLoader + PIL", False, workers), ("device-resident", True, 0)):
+        rate = _images_per_second(synthetic_cifar(data_size, resident, loader_workers), data_size,
+                                  torch.device("cpu"), train=True)
+        data_rows.append(f"| {name} | {loader_workers} | {2 * rate:,.0f} |")
+    title = (f"### cpu_step: ISIF step of {size.backbone} at {size.image} px, batch {size.batch} x 2 views, on the "
+             f"CPU ({torch.get_num_threads()} threads)")
+    note = (f"median of {size.rounds} steps per variant, the variants interleaved step by step (other processes' "
+            f"load falls on all alike); pays back = the first step's extra time over the steps it saves (a "
+            f"{size.budget}-step effect run must exceed it). The data rows time the same step fed by each path "
+            f"(npid preset, {data_size.steps} steps after {data_size.warmup}).")
+    return "\n".join([title, device_info(), "",
+                      "| variant | images/s | x bare | first step, s | compile/warm-up pays back after |",
+                      "|---|---|---|---|---|", *rows, "",
+                      "| data path | loader workers | training images/s |", "|---|---|---|", *data_rows, "", note])
+
+
 SECTIONS: dict[str, Callable[[bool], str]] = {"evaluation": bench_evaluation, "tac_ccl": bench_tac_ccl, "umm": bench_umm,
                                               "roul": bench_roul, "data": bench_data, "san": bench_san,
-                                              "eir": bench_eir, "kmeans": bench_kmeans}
+                                              "eir": bench_eir, "kmeans": bench_kmeans, "cpu_step": bench_cpu_step}
 
 
 def main(argv: list[str] | None = None) -> None:

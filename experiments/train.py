@@ -43,6 +43,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks import faiss_build, search
 from callbacks.evaluation import EmbeddingEvaluator, Scoreboard
 from callbacks.pictures import Pictures
 from datamodules.base import DatasetSizeError, EmbeddingDataModule
@@ -814,7 +815,8 @@ class SuiteCLI(LightningCLI):
             config = (f"# ckpt_path {fetched['url']} was downloaded to {fetched['path']} "
                       f"(sha256 {fetched['sha256']}); the run resumed from that file\n{config}")
         Path(self.run_dir, "config.yaml").write_text(config)
-        print(run_header(self.run_dir, self.trainer.loggers), flush=True)
+        print(run_header(self.run_dir, self.trainer.loggers) + "\n" + faiss_build.describe(search.load_faiss()),
+              flush=True)
         for logger in self.trainer.loggers:  # the flattened resolved config and the commit, filterable in W&B
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams({**flat_settings(self.config[self.subcommand].as_dict()),

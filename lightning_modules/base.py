@@ -133,11 +133,46 @@ def channels_last_inputs(module: nn.Module, args: tuple) -> tuple:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
-    """target <- decay * target + (1 - decay) * source for parameters; buffers (BN statistics) copied."""
-    for t, s in zip(target.parameters(), source.parameters()):
-        t.lerp_(s, 1.0 - decay)
-    for t, s in zip(target.buffers(), source.buffers()):
-        t.copy_(s)
+    """target <- decay * target + (1 - decay) * source for parameters; buffers (BN statistics) copied.
+    Multi-tensor (`torch._foreach_*`): a few kernel launches for the whole network, not two per tensor."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), 1.0 - decay)
+    buffers = list(zip(target.buffers(), source.buffers()))
+    if buffers:
+        torch._foreach_copy_(*map(list, zip(*buffers)))
+
+
+class NonFiniteLoss:
+    """The first step whose loss was NaN or inf, recorded on the loss's device without a host sync: `record`
+    runs every step (a few tensor ops), `first` syncs once (and all-reduces under DDP) and is called only at
+    the checkpoints of a run (every `every` steps, before validation, at epoch end, before a save), so a
+    diverged run stops before its weights are evaluated or saved, without blocking each step."""
+
+    every = 100  # steps between the periodic checks (each one host sync)
+
+    def __init__(self):
+        self.step = self.epoch = self.loss = None
+
+    def record(self, loss: torch.Tensor, step: int, epoch: int) -> None:
+        if self.step is None:
+            self.step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.epoch, self.loss = self.step.clone(), torch.zeros((), device=loss.device)
+        first = (self.step < 0) & ~torch.isfinite(loss)
+        self.step = torch.where(first, step, self.step)
+        self.epoch = torch.where(first, epoch, self.epoch)
+        self.loss = torch.where(first, loss.float(), self.loss)
+
+    def first(self, strategy=None) -> tuple[int, int, float] | None:
+        """(step, epoch, loss) of the first non-finite loss on any rank (`strategy` reduces), else None."""
+        if self.step is None:
+            return None
+        state = torch.stack([self.step.double(), self.epoch.double()])
+        state = torch.where(state >= 0, state, float("inf"))  # (step, epoch) of this rank's first, or inf
+        if strategy is not None and strategy.world_size > 1:
+            state = strategy.reduce(state, reduce_op="min")  # the first of any rank (both grow with time)
+        step, epoch, mine, loss = *state.tolist(), *torch.stack([self.step.double(), self.loss.double()]).tolist()
+        if step == float("inf"):
+            return None
+        return int(step), int(epoch), loss if mine == step else float("nan")
 
 
 class EmbeddingModule(L.LightningModule):
@@ -176,6 +211,7 @@ class EmbeddingModule(L.LightningModule):
                                                  frozen_bn=frozen_bn, in_chans=in_chans,
                                                  frozen_bn_affine=frozen_bn_affine)
         self.head = EmbeddingHead(feature_dim, embedding_dim)
+        self._non_finite_loss = NonFiniteLoss()
         if channels_last:  # every method's call of the trunk then gets NHWC inputs
             self.trunk.to(memory_format=torch.channels_last)
             self.trunk.register_forward_pre_hook(channels_last_inputs)
@@ -239,16 +275,35 @@ class EmbeddingModule(L.LightningModule):
                            "your loaders' images with these values")
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach()).float()
-        if self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
-        if finite.item() < 1:
-            raise FloatingPointError(divergence_message(f"non-finite loss ({loss.item()})", self.current_epoch,
-                                                        self.global_step, saved_checkpoint(self.trainer)))
+        """Records a non-finite loss without a host sync; `stop_if_loss_was_non_finite` acts on it."""
+        self._non_finite_loss.record(loss.detach(), self.global_step, self.current_epoch)
+
+    def stop_if_loss_was_non_finite(self) -> None:
+        """The divergence stop for a loss that was NaN or inf at a step since the last check (one host sync;
+        an all-reduce under DDP, so every rank stops together)."""
+        first = self._non_finite_loss.first(self.trainer.strategy if self._trainer is not None else None)
+        if first is not None:
+            step, epoch, loss = first
+            raise FloatingPointError(divergence_message(f"non-finite loss ({loss})", epoch, step,
+                                                        saved_checkpoint(self.trainer)))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         for target, source in self.ema_pairs:
             ema_update(getattr(self, target), getattr(self, source), self.hparams.ema_decay)
+        self._periodic_loss_check()
+
+    def _periodic_loss_check(self) -> None:
+        if self.global_step % NonFiniteLoss.every == 0:
+            self.stop_if_loss_was_non_finite()
+
+    def on_validation_start(self) -> None:
+        self.stop_if_loss_was_non_finite()
+
+    def on_train_epoch_end(self) -> None:
+        self.stop_if_loss_was_non_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.stop_if_loss_was_non_finite()
 
     def configure_optimizers(self):
         optimizer = build_optimizer(parameter_groups(self, self.optim), self.optim)

@@ -29,7 +29,7 @@ def _keep_negatives(sim: torch.Tensor, negatives: torch.Tensor, selection: str) 
         return negatives
     if selection not in ("hard_half", "easy_half"):
         raise ValueError(f"negative_selection {selection!r}: use all, hard_half or easy_half")
-    keep = int(negatives[0].sum().item()) // 2  # N-1 of the 2N-2 negatives (spec §3.6 [R])
+    keep = (negatives.shape[1] - 2) // 2  # N-1 of a row's 2N-2 negatives (all but itself and its positive)
     fill = float("-inf") if selection == "hard_half" else float("inf")
     ranked = sim.masked_fill(~negatives, fill)
     picked = ranked.topk(keep, dim=1, largest=selection == "hard_half").indices

@@ -60,11 +60,11 @@ def multi_similarity_loss(query: torch.Tensor, query_labels: torch.Tensor, keys:
             raise ValueError("exclude masks query-key pairs of a memory: pass keys and key_labels too")
         positive, negative = ms_mined_pairs(sim, query_labels[:, None] == key_labels[None, :], ~exclude, margin)
         return loss._compute_loss(sim, positive.float(), negative.float())["loss"]["losses"].mean()
-    mined = miners.MultiSimilarityMiner(epsilon=margin)(query, query_labels, keys, key_labels)
-    positive, negative = torch.zeros_like(sim), torch.zeros_like(sim)
-    positive[mined[0], mined[1]] = 1
-    negative[mined[2], mined[3]] = 1
-    return loss._compute_loss(sim, positive, negative)["loss"]["losses"].mean()
+    # the miner's pairs as masks (equal to MultiSimilarityMiner's index pairs, whose nonzero blocks the host)
+    same = query_labels[:, None] == (query_labels if keys is None else key_labels)[None, :]
+    valid = ~torch.eye(*sim.shape, dtype=torch.bool, device=sim.device) if keys is None else torch.ones_like(same)
+    positive, negative = ms_mined_pairs(sim, same, valid, margin)
+    return loss._compute_loss(sim, positive.float(), negative.float())["loss"]["losses"].mean()
 
 
 def ms_mined_pairs(sim: torch.Tensor, same: torch.Tensor, valid: torch.Tensor,

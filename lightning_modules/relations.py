@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.evaluation import deduplicate
 from lightning_modules.base import hparam
 from lightning_modules.heads import l2_normalize
 from lightning_modules.losses import fp32
@@ -49,10 +48,21 @@ def momentum_update(rows: Tensor, index: Tensor, feats: Tensor, momentum: float)
     """A new bank with m_i <- l2(momentum·m_i + (1 - momentum)·v_i) for each index once (the first of
     repeated indices, e.g. a distributed sampler's padding); other rows unchanged. Out of place: a loss of
     this step that read the old bank still holds it."""
-    feats, _, index = deduplicate(feats.to(rows), index, index)
     index = index.to(rows.device)
-    new = l2_normalize(momentum * rows[index] + (1.0 - momentum) * feats)
-    return rows.index_copy(0, index, new)
+    new = l2_normalize(momentum * rows[index] + (1.0 - momentum) * first_of_repeats(feats.to(rows), index))
+    return rows.index_copy(0, index, new)  # repeats of an index write the same row
+
+
+def first_of_repeats(values: Tensor, index: Tensor) -> Tensor:
+    """`values` with each row replaced by that of the first row holding the same `index` (no host sync: a
+    deduplication's boolean mask would block the host on a GPU)."""
+    order = torch.argsort(index, stable=True)
+    starts = torch.ones_like(order, dtype=torch.bool)
+    starts[1:] = index[order[1:]] != index[order[:-1]]
+    position = torch.arange(len(order), device=index.device)
+    first = torch.empty_like(order)
+    first[order] = order[torch.cummax(torch.where(starts, position, 0), 0).values]  # each group's first row
+    return values[first]
 
 
 class MemoryBank(nn.Module):

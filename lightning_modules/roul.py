@@ -176,8 +176,8 @@ def order_targets(kinds: Tensor, other_other: str = "masked") -> tuple[Tensor, T
 
 def others(batch: int, device: torch.device | str = "cpu") -> Tensor:
     """(B, B−1): for each anchor a, the batch positions b ≠ a in order."""
-    every = torch.arange(batch, device=device).expand(batch, batch)
-    return every[~torch.eye(batch, dtype=torch.bool, device=device)].view(batch, batch - 1)
+    position = torch.arange(batch - 1, device=device)[None, :]  # arithmetic, not a mask (no host sync)
+    return position + (position >= torch.arange(batch, device=device)[:, None]).long()
 
 
 def comparison_items(view0: Tensor, augs: list[Tensor]) -> Tensor:

@@ -255,6 +255,7 @@ class SAN(MetricLearning):
         return int(self.trainer.datamodule.image_size)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["san_image_size"] = self.image_size
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

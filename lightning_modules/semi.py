@@ -229,6 +229,7 @@ class SemiSupervised(EmbeddingModule):
         """The base's EMA pairs, each with its own scheduled decay (in `ema_pairs` order)."""
         for target, source in self.ema_pairs:
             ema_update(getattr(self, target), getattr(self, source), self.ema_decay_for(target))
+        self._periodic_loss_check()
 
     # -- training --------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -290,7 +291,8 @@ class SemiSupervised(EmbeddingModule):
         guess = self.label_guess(views) if guess is None else guess
         inputs = torch.cat([x, *views])
         targets = torch.cat([F.one_hot(labeled["target"], self.num_classes).float(), *[guess] * len(views)])
-        lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample((len(inputs),)).to(x.device)
+        lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha, validate_args=False).sample(
+            (len(inputs),)).to(x.device, non_blocking=True)  # no host sync: no argument checks, async copy
         mixed_inputs, mixed_targets = mixup(inputs, targets, lam, torch.randperm(len(inputs), device=x.device))
         logits = self(mixed_inputs).float()  # one forward over labeled and unlabeled rows
         n = len(x)

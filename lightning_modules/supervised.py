@@ -129,6 +129,9 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
         if self.labels_from != "target":
             return
         dm = self.trainer.datamodule
+        if getattr(dm, "supervised", None) is False:
+            raise ValueError("labels=target but the training labels are hidden (-1): pass "
+                             "--data.init_args.supervised=true")
         self.train_labels = torch.as_tensor(dm.splits["train"].targets).to(self.device, torch.long)
         if self.memory_weight and len(self.memory_index) == 0:
             embedding, _, index = extract_features(self, dm.train_eval_dataloader(), forward=self.key_embed)
@@ -148,11 +151,7 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
                 raise RuntimeError("labels=pseudo but no pseudo labels were set: add callbacks.pseudo_labels."
                                    "KMeansPseudoLabels to trainer.callbacks (it sets them before the first epoch)")
             return self.pseudo_labels[batch["index"]]
-        target = batch["target"]
-        if (target < 0).any():
-            raise ValueError("labels=target but the batch's training labels are hidden (-1): pass "
-                             "--data.init_args.supervised=true")
-        return target
+        return batch["target"]  # revealed: on_fit_start checked the datamodule's setting (no per-step sync)
 
     def extra_loss(self) -> tuple[Tensor | None, dict[str, Tensor]]:
         """(weighted loss, terms to log) a subclass adds after the forward (SAN's regularisers)."""

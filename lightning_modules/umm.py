@@ -131,7 +131,10 @@ def _query_ap(items: torch.Tensor, rows: torch.Tensor, n: int, k: int, bins: int
     positive = torch.cat([(view * n + instance[:, None]) * k + own for view in range(len(items) // (n * k))], 1)
     excluded = None
     if exclude_self:
-        positive = positive[positive != rows[:, None]].view(len(rows), -1)
+        # each row's positives without the row itself (once in each), in order: a stable sort moves it last
+        # (a boolean-mask gather would block the host)
+        last = torch.argsort((positive == rows[:, None]).to(torch.uint8), dim=1, stable=True)[:, :-1]
+        positive = positive.gather(1, last)
         excluded = rows[:, None]
     return histogram_average_precision(items[rows] @ items.T, positive, bins, excluded)
 

@@ -43,3 +43,15 @@ def run(nodes: int, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class RankMetrics(L.Callback):
+    """Added to a CLI run (`--trainer.callbacks+=tests.multinode_run.RankMetrics`): at the end of fit each rank
+    writes the validation metrics it holds, its global rank and world size to <run dir>/rank<r>_metrics.json,
+    so a test compares what the ranks computed (rank 0 alone writes final_metrics.json)."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        held = {"global_rank": trainer.global_rank, "node_rank": trainer.node_rank, "world_size": trainer.world_size,
+                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+                "steps": trainer.global_step}
+        Path(trainer.default_root_dir, f"rank{trainer.global_rank}_metrics.json").write_text(json.dumps(held))

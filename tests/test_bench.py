@@ -2,7 +2,7 @@
 asserted: timings live in the benchmark's output, never in a test)."""
 import re
 
-from experiments.bench import SECTIONS, gemm_floor, machine, main
+from experiments.bench import SECTIONS, StepSize, gemm_floor, machine, main, step_rates
 
 
 def table_rows(text: str, first_cell: str) -> list[list[str]]:
@@ -40,8 +40,14 @@ def test_evaluation_section_implementations_agree(capsys):
         ours, faiss, torch = row[-1].split(" / ")
         assert ours == faiss == torch, row
         assert re.fullmatch(r"[\d.,]+", ours)
-    floor_rows = table_rows(text, "3,000 x 128") + table_rows(text, "6,000 x 128")
+    floor_rows = [r for r in table_rows(text, "3,000 x 128") + table_rows(text, "6,000 x 128") if len(r) == 6]
     assert len(floor_rows) == 2
+    (busy,) = [r for r in table_rows(text, "3,000 x 128") if len(r) == 7]  # quiet and beside a busy process
+    assert all(float(v) > 0 for v in busy[1:])
+    for o, f, ratio in ((float(busy[1]), float(busy[2]), float(busy[3])), (float(busy[4]), float(busy[5]),
+                                                                          float(busy[6]))):
+        half = 0.005
+        assert (o - half) / (f + half) - half <= ratio <= (o + half) / max(f - half, 1e-9) + half
     for _, ours, floor, ratio, faiss, faiss_ratio in floor_rows:
         assert float(floor) > 0 and float(ours) > 0 and float(faiss) > 0
         o, f, half = float(ours), float(floor), 0.005  # the seconds are printed to 2 decimals
@@ -75,3 +81,11 @@ def test_kmeans_section_times_each_seeding_with_lloyd_and_scores_it_like_scikit_
             assert float(seeding) >= 0 and float(lloyd) >= 0 and float(inertia) > 0
             assert abs(float(seeding) + float(lloyd) - float(total)) <= 0.011  # printed to 2 decimals
             assert 0 < float(nmi) <= 100
+
+
+def test_cpu_step_variants_time_their_own_switch():
+    """Each variant's step runs its switch (no timing asserted): the first step and the median are timed."""
+    rates = step_rates(StepSize("small_cnn", 8, 4, rounds=1, budget=1), ("bare fp32", "channels_last",
+                                                                          "bf16 autocast"))
+    assert set(rates) == {"bare fp32", "channels_last", "bf16 autocast"}
+    assert all(r["first"] > 0 and r["step"] > 0 for r in rates.values())

@@ -33,6 +33,7 @@ from datamodules.device_augment import (
 )
 from datamodules.digits import DigitsDataModule
 from datamodules.transforms import build_transform
+from tests.host_syncs import HostSyncs
 
 N = 1_000  # images a side in the distribution checks
 KS_BOUND = 0.10
@@ -352,3 +353,35 @@ def test_digits_pipeline_keeps_pil_s_uint8_pixels_and_jitter_truncation():
                                                          generator=torch.Generator().manual_seed(1)))
     levels = (views * 0.5 + 0.5) * 255
     assert (levels - levels.round()).abs().max() < 1e-3  # on the uint8 grid, as ToTensor of a PIL image
+
+
+@pytest.mark.parametrize("pil_uint8", [True, False], ids=["pil-uint8", "float"])
+@pytest.mark.parametrize("ranges", [[(0.6, 1.4)] * 3 + [(-0.1, 0.1)], [(0.6, 1.4), None, (0.6, 1.4), None],
+                                    [None, None, None, (-0.5, 0.5)]], ids=["all", "no-contrast-hue", "hue"])
+def test_sync_free_jitter_gives_the_gathering_jitter_s_pixels(ranges, pil_uint8):
+    """The accelerator's jitter (`torch.where` per position) equals the CPU's (gather the images of each
+    adjustment) bit for bit, on a fixed seed, with 80% of the images jittered and every order drawn."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (96, 3, 12, 12), generator=generator).float() / 255
+    u = torch.rand(96, 9, generator=generator)
+    jitter = ColorJitter(ranges, p=0.8)
+    jitter.pil_uint8 = pil_uint8
+    gathered, selected = jitter.by_gathering(x, u), jitter.by_selection(x, u)
+    assert not torch.equal(gathered, x) and torch.equal(selected, gathered)
+
+
+def test_the_device_pipeline_runs_without_a_host_sync_when_jitter_is_sync_free(monkeypatch):
+    """simclr's preset (crop, jitter, grayscale, flip, normalise) as an accelerator runs it: no op that
+    blocks the host; the gathering jitter (the CPU's) has them, which shows the count sees them."""
+    pipeline = device_pipeline(build_transform("simclr", 16, (0.5,) * 3, (0.25,) * 3), 16)
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    noise = torch.rand(32, pipeline.draws, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(ColorJitter, "sync_free", True)
+    with HostSyncs() as syncs:
+        views = pipeline(images, noise)
+    assert dict(syncs.calls) == {} and views.shape == (32, 3, 16, 16)
+    assert pipeline.normalization(views.device)[0] is pipeline.normalization(views.device)[0]  # built once
+    monkeypatch.setattr(ColorJitter, "sync_free", False)
+    with HostSyncs() as syncs:
+        assert torch.equal(pipeline(images, noise), views)
+    assert syncs.calls["_local_scalar_dense"] > 0

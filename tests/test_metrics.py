@@ -411,3 +411,36 @@ def test_map_at_r_equals_pytorch_metric_learning(gallery):
     assert ours["map@r"] == pytest.approx(100 * theirs["mean_average_precision_at_r"], abs=1e-6)
     assert ours["r_precision"] == pytest.approx(100 * theirs["r_precision"], abs=1e-6)
     assert 5 < ours["map@r"] < 95  # neither trivial nor perfect: the ranking matters
+
+
+def test_recall_s_blocks_shared_by_threads_give_the_single_thread_ranks(small_tiles, monkeypatch):
+    """On the CPU the query blocks go to torch.get_num_threads() Python threads (single-threaded GEMMs each,
+    the next block to whichever is free: robust to a busy core); the ranks are the sequential ones, bit for
+    bit, and torch's thread count is restored."""
+    started = []
+
+    class CountedThread(metrics.threading.Thread):
+        def start(self):
+            started.append(self)
+            super().start()
+
+    monkeypatch.setattr(metrics.threading, "Thread", CountedThread)
+    threads = torch.get_num_threads()
+    emb, y = _tied_case(3, 60, classes=12)
+    gallery, gallery_y = _tied_case(103, 45, classes=12)
+    try:
+        for args in ((emb, y, emb, y, True), (emb, y, gallery, gallery_y, False)):
+            torch.set_num_threads(1)
+            sequential = metrics._positive_ranks(*args)
+            torch.set_num_threads(3)
+            shared = metrics._positive_ranks(*args)
+            assert torch.get_num_threads() == 3 and len(started) == 3
+            assert torch.equal(shared[0], sequential[0]) and torch.equal(shared[1], sequential[1])
+            assert torch.equal(shared[0], _old_positive_ranks(*args)[0])
+            started.clear()
+        with pytest.raises(RuntimeError, match="block 2 failed"):  # a worker's error reaches the caller
+            metrics.run_blocks(lambda i, buffer: (_ for _ in ()).throw(RuntimeError(f"block {i} failed"))
+                               if i == 2 else None, [(i,) for i in range(5)], 4, torch.device("cpu"))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)

@@ -2,6 +2,7 @@
 the supervised / pseudo-label glue of `MetricLearning`."""
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -215,8 +216,9 @@ def test_training_step_logs_every_regulariser_and_adds_them_weighted():
 def test_true_labels_are_read_only_when_revealed():
     model = MetricLearning(backbone="small_cnn", in_chans=1, embedding_dim=8, memory_weight=0.0)
     hidden = {"views": [torch.randn(4, 1, 8, 8)], "index": torch.arange(4), "target": torch.full((4,), -1)}
-    with pytest.raises(ValueError, match="supervised=true"):
-        model.batch_labels(hidden)
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(supervised=False))  # refused at fit start,
+    with pytest.raises(ValueError, match="supervised=true"):  # not at each step (a check there blocks the host)
+        model.on_fit_start()
     pseudo = MetricLearning(backbone="small_cnn", in_chans=1, embedding_dim=8, memory_weight=0.0, labels="pseudo")
     revealed = {**hidden, "target": torch.tensor([3, 3, 3, 3])}
     pseudo.set_pseudo_labels(torch.tensor([0, 1, 0, 1]), torch.zeros(2, 8))

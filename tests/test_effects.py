@@ -42,3 +42,13 @@ def test_summary_marks_a_direction_the_paper_does_not_have():
               "value": v, "git_commit": "x", "budget": "b"} for r, v in (("full", 80.0), ("hard", 82.0))]
     assert summary(pd.DataFrame(lines)).splitlines()[-1] == \
         "| isif | Hard vs Full | val/knn_top1 | 0 | +2.0 (+2.0) | -0.4 | ✗ | b |"
+
+
+def test_summary_adds_a_tables_metric_pairs_inside_each_run():
+    lines = [{"method": "roul", "table": "roul-table4-cpu", "row": row, "seed": seed, "metric": metric,
+              "value": value, "git_commit": "x", "budget": "b"}
+             for row, seed, metric, value in (("baseline", 0, "val/recall@1", 50.0),
+                                              ("moc-roul", 0, "val/recall@1", 51.0),
+                                              ("moc-roul", 0, "val/recall@1_refined", 51.5))]
+    assert summary(pd.DataFrame(lines)).splitlines()[-1] == \
+        "| roul | + MOC (ROUL), within each run | val/recall@1_refined - val/recall@1 | 0 | +0.5 (+0.5) | - | - | b |"

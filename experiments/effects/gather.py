@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.reproduce import TABLES, better, load_table
+from experiments.reproduce import TABLES, better, load_table, within_runs
 
 RESULTS = Path(__file__).with_name("results.csv")
 COLUMNS = ["method", "table", "row", "seed", "metric", "value", "git_commit", "budget"]
@@ -83,6 +83,13 @@ def summary(results: pd.DataFrame) -> str:
                 lines.append(f"| {table.method} | {row.name} vs {base.name} | {metric} | "
                              f"{' '.join(map(str, seeds))} | {mean:+.1f} ({worst:+.1f}) | "
                              f"{'-' if paper is None else f'{paper:+.1f}'} | {direction} | {budget} |")
+        for row in table.rows:  # the table's metric_pairs inside each run (no paper number to set beside)
+            seeds = {int(s): dict(zip(g.metric, g.value)) for s, g in runs[runs.row == row.id].groupby("seed")}
+            for name, differences in within_runs(table, seeds).items():
+                worst = min(differences.values(), key=lambda d: better(name, d))
+                lines.append(f"| {table.method} | {row.name}, within each run | {name} | "
+                             f"{' '.join(map(str, differences))} | {statistics.mean(differences.values()):+.1f} "
+                             f"({worst:+.1f}) | - | - | {budget} |")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from experiments.reproduce import TABLES, better, load_table, within_runs
 
@@ -25,14 +26,26 @@ COLUMNS = ["method", "table", "row", "seed", "metric", "value", "git_commit", "b
 KEY = ["method", "table", "row", "seed", "metric"]
 
 
+def on_validation_split(run_dir: Path) -> bool:
+    """Whether the run evaluated on held-out train images (`data.init_args.validation_per_class` > 0 in the
+    config.yaml it saved) instead of the test split."""
+    config = Path(run_dir) / "config.yaml"
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {} if config.is_file() else {}
+    return bool((data.get("init_args") or {}).get("validation_per_class"))
+
+
 def runs_under(out: Path) -> pd.DataFrame:
-    """The lines of every finished seeded row run below `out` (any depth: one folder per table)."""
+    """The lines of every finished seeded row run below `out` (any depth: one folder per table). Runs on the
+    validation split (budget choices) are left out: results.csv holds test-split runs only."""
     lines = []
     for path in sorted(Path(out).rglob("seed*/final_metrics.json")):
         result = json.loads(path.read_text())
         run = result.get("run", {})
         group, row, seed = run.get("group", ""), path.parent.parent.name, path.parent.name[4:]
         if not group or not seed.isdigit():
+            continue
+        if on_validation_split(path.parent):
+            print(f"{path.parent}: evaluated on the validation split, left out of the results")
             continue
         method = run.get("method") or group.split("-")[0]
         table_id = f"{method}-{group.removeprefix(method + '-')}"

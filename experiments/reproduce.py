@@ -21,7 +21,8 @@ With `--seeds`, each row runs once per seed into `<out>/<row id>/seed<N>/` (`--s
 method's own seed flags, `experiments.seeds.SEED_FLAGS`, or the table's `seed_args`), and the table shows
 per row the mean and the worst seed, and against the table's `baseline` row (default: the first) the
 paired difference over the seeds both rows ran, beside the paper's difference, with whether the paper's
-direction holds. Every row present in `<out>` is shown, whichever `--rows` ran. A row's directory keeps
+direction holds; a table's `metric_pairs` ({metric: other}) add per row the difference of two metrics of
+the same run (mean and worst over its seeds). Every row present in `<out>` is shown, whichever `--rows` ran. A row's directory keeps
 the overrides it ran with (`row.json`): a row already done is announced as kept, and one whose overrides
 differ is refused rather than mixed into the table.
 """
@@ -45,7 +46,7 @@ import yaml
 TABLES = Path(__file__).with_name("tables")
 CONFIGS = Path(__file__).with_name("configs")
 TABLE_KEYS = {"method", "dataset", "source", "title", "config", "metrics", "args", "rows", "paper_dataset",
-              "baseline", "budget", "seed_args"}
+              "baseline", "budget", "seed_args", "metric_pairs"}
 LOWER_IS_BETTER = ("val/error",)  # metrics (and their prefixed forms, val/error_master) where lower is better
 ROW_KEYS = {"name", "args", "config", "dataset", "paper"}
 
@@ -78,6 +79,7 @@ class Table:
     baseline: str = ""  # the row the others are paired against (default: the first)
     budget: str = ""  # what a run costs, for the effects table (network, images, epochs)
     seed_args: list[str] | None = None  # flags that move a run's seeds, "{seed}" filled in
+    metric_pairs: dict[str, str] = field(default_factory=dict)  # {metric: the metric of the same run it is set against}
 
     @property
     def baseline_row(self) -> Row:
@@ -124,7 +126,8 @@ def load_table(path: Path) -> Table:
                   config=spec.get("config") or "",
                   args=[str(a) for a in spec.get("args") or []], paper_dataset=spec.get("paper_dataset", ""),
                   baseline=spec.get("baseline", ""), budget=spec.get("budget", ""),
-                  seed_args=None if spec.get("seed_args") is None else [str(a) for a in spec["seed_args"]])
+                  seed_args=None if spec.get("seed_args") is None else [str(a) for a in spec["seed_args"]],
+                  metric_pairs={str(k): str(v) for k, v in (spec.get("metric_pairs") or {}).items()})
     if not rows:
         raise ValueError(f"{where}: no rows")
     ids = [r.id for r in rows]
@@ -132,6 +135,9 @@ def load_table(path: Path) -> Table:
         raise ValueError(f"{where}: row names must differ after slugging: {ids}")
     if table.baseline and slug(table.baseline) not in ids:
         raise ValueError(f"{where}: baseline {table.baseline!r} is not a row ({ids})")
+    loose = set(table.metric_pairs.items()) - {(a, b) for a in table.metrics for b in table.metrics if a != b}
+    if loose:
+        raise ValueError(f"{where}: metric_pairs {sorted(loose)} must pair two different columns ({table.metrics})")
     for row in rows:
         extra = set(row.paper) - set(table.metrics)
         if extra:
@@ -287,6 +293,17 @@ def better(metric: str, difference: float) -> float:
     return -difference if metric.startswith(LOWER_IS_BETTER) else difference
 
 
+def within_runs(table: Table, seeds: dict[int, dict[str, float]]) -> dict[str, dict[int, float]]:
+    """The table's `metric_pairs` inside each run of one row: {"<metric> - <other>": {seed: difference}} over
+    the seeds whose run has both (ROUL: the refined Recall@1 against the plain one of the same embedding)."""
+    pairs = {}
+    for metric, other in table.metric_pairs.items():
+        differences = {s: r[metric] - r[other] for s, r in sorted(seeds.items()) if metric in r and other in r}
+        if differences:
+            pairs[f"{metric} - {other}"] = differences
+    return pairs
+
+
 def seed_table(table: Table, runs: dict[str, dict[int, dict[str, float]]]) -> pd.DataFrame:
     """One line per row and metric: seeds, mean, worst seed; the paired difference to the baseline row
     over the seeds both ran (mean, worst, spread), the paper's difference, and whether its direction holds."""
@@ -315,6 +332,10 @@ def seed_table(table: Table, runs: dict[str, dict[int, dict[str, float]]]) -> pd
                                          else "✗")
             line["paper diff"] = paper
             lines.append(line)
+        for name, differences in within_runs(table, seeds).items():  # mean and worst of the difference itself
+            lines.append({"row": row.name, "metric": name, "seeds": " ".join(map(str, differences)),
+                          "mean": statistics.mean(differences.values()),
+                          "worst": min(differences.values(), key=lambda d: better(name, d)), "paper diff": None})
     return pd.DataFrame(lines)
 
 

@@ -42,7 +42,7 @@ def test_every_config_of_a_method_parses_to_its_module(parser, method):
     for config in configs:
         cfg = parser.parse_args(files(config))
         expected = METHODS[method]
-        if config.stem in ("digits-supervised", "digits-mixmatch"):  # Snowball's / LMCS's baseline: the semi base
+        if config.stem in ("digits-supervised", "digits-mixmatch", "cifar10-250-supervised"):  # the semi base
             expected = "lightning_modules.semi.SemiSupervised"
         assert cfg.model.class_path == expected, config
         if method == "umm":
@@ -52,8 +52,8 @@ def test_every_config_of_a_method_parses_to_its_module(parser, method):
             protocol = "seen" if config.stem == "digits" else "unseen"  # digits: headroom from scratch
             assert cfg.data.init_args.protocol == protocol and cfg.data.init_args.sampler == "pk", config
             # paper configs: the dissertation's offline SIFT pairs, mined on the epoch-0 clusters (so after
-            # KMeansPseudoLabels); digits (8x8, no SIFT keypoints) matches in the batch, named as such
-            paper = config.stem != "digits"
+            # KMeansPseudoLabels); digits and CIFAR-10 (8x8 / 32x32, no SIFT keypoints) match in the batch
+            paper = config.stem not in ("digits", "cifar10")
             assert cfg.model.init_args.cross["matching"] == ("offline" if paper else "in_batch"), config
             expected_callbacks = ["callbacks.pseudo_labels.KMeansPseudoLabels"]
             expected_callbacks += ["callbacks.cross_pairs.OfflineCrossPairs"] if paper else []
@@ -71,7 +71,7 @@ def test_every_config_of_a_method_parses_to_its_module(parser, method):
             assert cfg.data.init_args.split_seed is None and cfg.data.init_args.protocol == "semi", config
         if method == "snowball":
             assert callbacks(cfg)[0] == "callbacks.evaluation.ClassificationEvaluator", config
-            if config.stem != "digits-supervised":
+            if not config.stem.endswith("-supervised"):
                 assert callbacks(cfg)[1] == "callbacks.sample_discovery.ConfidentSampleDiscovery", config
                 c = cfg.model.init_args.curriculum
                 assert cfg.trainer.max_epochs == c.phase0_epochs + c.generations * c.iterations * c.iteration_epochs
@@ -315,9 +315,18 @@ PAPER_VALUES = {
                              "trainer.max_epochs": 100, "data.image_size": 224,
                              "trainer.callbacks.KMeansPseudoLabels.num_clusters": 10_000,
                              "evaluation.recall_ks": [1, 10, 100]},
+    # CIFAR-10 unseen classes (0-4 / 5-9) from scratch: the CUB recipe at 32 px, cross pairs off (no SIFT at 32 px)
+    "tac_ccl/cifar10": {**{k: v for k, v in TAC_CCL.items() if "OfflineCrossPairs" not in k and "cross." not in k},
+                        "model.backbone": "cifar_resnet18", "model.frozen_bn": False, "model.optim.lr": 1e-3,
+                        "model.center_features": True, "model.cross.matching": "in_batch", "model.cross.probability": 0.0,
+                        "model.cross.mode": "aligned", "model.cross.sigma": 1.0, "trainer.max_epochs": 80,
+                        "model.schedule.milestones": [48], "evaluation.recall_ks": [1, 2, 4, 8]},
     "roul/cub": ROUL_FINE,
     "roul/cars": ROUL_FINE,
     "roul/sop": {**ROUL_GOOGLENET, **ROUL_SOP, "trainer.max_epochs": 30, "model.schedule.milestones": [20]},
+    "roul/cifar10": {**ROUL, "model.backbone": "cifar_resnet18", "model.frozen_bn": False, "model.optim.lr": 1e-3,
+                     "trainer.max_epochs": 60, "model.schedule.milestones": [40], "evaluation.recall_ks": [1, 2, 4, 8],
+                     "evaluation.refine_m": 32},
     "roul/sop-resnet18": {**ROUL, **ROUL_SOP, "model.backbone": "resnet18", "model.frozen_bn": False,
                           "model.optim.lr": 1e-4, "trainer.max_epochs": 100, "model.schedule.milestones": [67],
                           "data.image_size": 224},
@@ -336,6 +345,10 @@ PAPER_VALUES = {
     # ResNet-26: MT's CIFAR-10 recipe; the sigmoid ramp-up is 5 epochs of the unlabelled stream (97 per step)
     "snowball/cifar10": {**MEAN_TEACHER_RESNET26, "data.labels_per_class": 100, "model.rampup_steps": 5 * 515},
     "snowball/cifar10-250": {**MEAN_TEACHER_RESNET26, "data.labels_per_class": 25, "model.rampup_steps": 5 * 515},
+    "snowball/cifar10-250-supervised": {k: v for k, v in MEAN_TEACHER_RESNET26.items() if k in (
+        "model.backbone", "model.ema_decay", "model.ema_decay_rampup", "model.optim.name", "model.optim.lr",
+        "model.optim.nesterov", "model.optim.weight_decay", "data.labeled_batch_size", "data.batch_size")}
+    | {"model.learner": "supervised", "data.labels_per_class": 25},
     "snowball/cifar10-500": {**MEAN_TEACHER_RESNET26, "data.labels_per_class": 50, "model.rampup_steps": 5 * 515},
     "snowball/cifar10-2000": {**MEAN_TEACHER_RESNET26, "data.labels_per_class": 200, "model.rampup_steps": 5 * 515},
     "snowball/cifar100": {**MEAN_TEACHER_RESNET26, "data.labels_per_class": 100, "model.rampup_steps": 5 * 515},

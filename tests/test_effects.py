@@ -56,3 +56,25 @@ def test_a_row_that_trains_another_method_stays_in_its_table(tmp_path):
     lines = read_results(tmp_path / "results.csv")
     assert set(zip(lines.method, lines.table, lines.row)) == {("umm", "umm-table5-cpu", "baseline-isif"),
                                                               ("umm", "umm-table5-cpu", "l-s")}
+
+
+def test_summary_adds_a_tables_metric_pairs_inside_each_run():
+    lines = [{"method": "roul", "table": "roul-table4-cpu", "row": row, "seed": seed, "metric": metric,
+              "value": value, "git_commit": "x", "budget": "b"}
+             for row, seed, metric, value in (("baseline", 0, "val/recall@1", 50.0),
+                                              ("moc-roul", 0, "val/recall@1", 51.0),
+                                              ("moc-roul", 0, "val/recall@1_refined", 51.5))]
+    assert summary(pd.DataFrame(lines)).splitlines()[-1] == \
+        "| roul | + MOC (ROUL), within each run | val/recall@1_refined - val/recall@1 | 0 | +0.5 (+0.5) | - | - | b |"
+
+
+def test_gather_leaves_out_runs_on_the_validation_split(tmp_path):
+    """Budget choices run on held-out train images; results.csv holds the test split only."""
+    out, results = tmp_path / "isif-table8", tmp_path / "results.csv"
+    write_run(out, "full", 0, {"val/knn_top1": 90.0})
+    write_run(out, "full", 100, {"val/knn_top1": 70.0})
+    (out / "full" / "seed100" / "config.yaml").write_text(
+        "data:\n  init_args:\n    validation_per_class: 500\n    validation_seed: 100\n")
+    (out / "full" / "seed0" / "config.yaml").write_text("data:\n  init_args:\n    validation_per_class: 0\n")
+    main([str(out), "--results", str(results)])
+    assert read_results(results).seed.tolist() == [0]

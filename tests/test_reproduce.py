@@ -171,3 +171,24 @@ def test_the_sweep_that_sweep_emits_runs_each_row(capsys):
         done = subprocess.run([*cmd[:cut], "--dry-run", *cmd[cut:]], capture_output=True, text=True, check=True)
         (line,) = done.stdout.strip().splitlines()
         assert f"--run.variant={row}" in line and line.endswith("--trainer.max_epochs=2")
+
+
+def test_metric_pairs_set_two_metrics_of_the_same_run_against_each_other(tmp_path):
+    """ROUL's refined Recall@1 against the plain one of the same run, per seed: the refinement's gain."""
+    from experiments.reproduce import seed_table
+
+    table = load_table(TABLES / "roul-table4-cpu.yaml")
+    assert table.metric_pairs == {"val/recall@1_refined": "val/recall@1"}
+    runs = {"baseline": {0: {"val/recall@1": 50.0}, 1: {"val/recall@1": 52.0}},  # no Φ: no refined metric
+            "moc-roul": {0: {"val/recall@1": 51.0, "val/recall@1_refined": 52.5},
+                         1: {"val/recall@1": 53.0, "val/recall@1_refined": 52.0}}}
+    frame = seed_table(table, runs)
+    pair = frame[frame.metric == "val/recall@1_refined - val/recall@1"]
+    assert list(pair.row) == ["+ MOC (ROUL)"]  # the Baseline has no refined metric to pair
+    # +1.5 (seed 0), -1.0 (seed 1): mean +0.25, worst -1.0
+    assert pair.iloc[0][["seeds", "mean", "worst"]].tolist() == ["0 1", 0.25, -1.0]
+    bad = tmp_path / "roul-bad.yaml"
+    bad.write_text((TABLES / "roul-table4-cpu.yaml").read_text().replace(
+        "metric_pairs: {val/recall@1_refined: val/recall@1}", "metric_pairs: {val/recall@2_refined: val/recall@1}"))
+    with pytest.raises(ValueError, match="metric_pairs"):
+        load_table(bad)

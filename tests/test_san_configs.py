@@ -9,7 +9,8 @@ from experiments.train import RUN_DIR_ENV, SuiteCLI
 
 CONFIGS = Path("experiments/configs")
 SUPERVISED = ("cub", "cars", "sop", "inshop", "cub-proxy-anchor", "digits")
-UNSUPERVISED = ("cub-unsupervised", "cars-unsupervised", "sop-unsupervised", "sop-resnet18", "digits-unsupervised")
+UNSUPERVISED = ("cub-unsupervised", "cars-unsupervised", "sop-unsupervised", "sop-resnet18", "digits-unsupervised",
+                "cifar10-unsupervised")
 
 
 def files(name: str) -> list[str]:
@@ -45,7 +46,7 @@ def test_every_san_config_parses_with_its_label_source(parser, name):
         assert "callbacks.pseudo_labels.KMeansPseudoLabels" in callbacks
         assert model.embedding_dim == (64 if name.startswith("digits") else 128)  # [D] 128-d
     if not name.startswith("digits"):
-        stage = "layer3" if name == "sop-resnet18" else "inception4e"
+        stage = "layer3" if name in ("sop-resnet18", "cifar10-unsupervised") else "inception4e"
         assert model.assembly.enabled and model.assembly.stage == stage and model.assembly.beta0 == 8.0
         assert (model.entropy_weight, model.correlation_weight, model.coherence_weight) == (0.01, 0.1, 0.1)
         assert cfg.trainer.max_epochs % cfg.trainer.check_val_every_n_epoch == 0

@@ -17,22 +17,35 @@ import statistics
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from experiments.reproduce import TABLES, better, load_table
+from experiments.reproduce import TABLES, better, load_table, within_runs
 
 RESULTS = Path(__file__).with_name("results.csv")
 COLUMNS = ["method", "table", "row", "seed", "metric", "value", "git_commit", "budget"]
 KEY = ["method", "table", "row", "seed", "metric"]
 
 
+def on_validation_split(run_dir: Path) -> bool:
+    """Whether the run evaluated on held-out train images (`data.init_args.validation_per_class` > 0 in the
+    config.yaml it saved) instead of the test split."""
+    config = Path(run_dir) / "config.yaml"
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {} if config.is_file() else {}
+    return bool((data.get("init_args") or {}).get("validation_per_class"))
+
+
 def runs_under(out: Path) -> pd.DataFrame:
-    """The lines of every finished seeded row run below `out` (any depth: one folder per table)."""
+    """The lines of every finished seeded row run below `out` (any depth: one folder per table). Runs on the
+    validation split (budget choices) are left out: results.csv holds test-split runs only."""
     lines = []
     for path in sorted(Path(out).rglob("seed*/final_metrics.json")):
         result = json.loads(path.read_text())
         run = result.get("run", {})
         group, row, seed = run.get("group", ""), path.parent.parent.name, path.parent.name[4:]
         if not group or not seed.isdigit():
+            continue
+        if on_validation_split(path.parent):
+            print(f"{path.parent}: evaluated on the validation split, left out of the results")
             continue
         method = run.get("method") or group.split("-")[0]
         # the group is the table's id; a row may train another method (UMM Table 5's Baseline ISIF: method isif)
@@ -85,6 +98,13 @@ def summary(results: pd.DataFrame) -> str:
                 lines.append(f"| {table.method} | {row.name} vs {base.name} | {metric} | "
                              f"{' '.join(map(str, seeds))} | {mean:+.1f} ({worst:+.1f}) | "
                              f"{'-' if paper is None else f'{paper:+.1f}'} | {direction} | {budget} |")
+        for row in table.rows:  # the table's metric_pairs inside each run (no paper number to set beside)
+            seeds = {int(s): dict(zip(g.metric, g.value)) for s, g in runs[runs.row == row.id].groupby("seed")}
+            for name, differences in within_runs(table, seeds).items():
+                worst = min(differences.values(), key=lambda d: better(name, d))
+                lines.append(f"| {table.method} | {row.name}, within each run | {name} | "
+                             f"{' '.join(map(str, differences))} | {statistics.mean(differences.values()):+.1f} "
+                             f"({worst:+.1f}) | - | - | {budget} |")
     return "\n".join(lines)
 
 

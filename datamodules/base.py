@@ -87,6 +87,11 @@ def load_image(item) -> Image.Image:
         raise OSError(f"cannot read image {item!r} ({err}); delete or replace the file") from err
 
 
+def run_seed() -> int:
+    """The seed seed_everything set in this process (LightningCLI's `seed_everything`), else 0."""
+    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
+
+
 def sample_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
     """A seed that depends only on (seed, epoch, index, draw): augmentations are then identical across
     resumes, worker counts and DDP world sizes. `draw` tells apart repeats of one image in an epoch."""
@@ -263,6 +268,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         it; None: one pass over the pool.
       unlabeled_includes_labeled: "semi" unlabeled pool = the whole train split (Mean-Teacher convention)
         instead of the images without a label (MixMatch convention).
+      seed: seeds the training order and every augmentation draw (per sample and epoch). None: the run's
+        seed (seed_everything), so runs over seeds differ in their data as well as their initialisation.
       split_seed: seeds every random split the module draws (semi labeled set; digits/folder splits).
         None: the run's seed (seed_everything), so one seed draws the split and the initialisation.
       mean, std: override the dataset's normalisation for a from-scratch backbone; a pretrained backbone
@@ -297,7 +304,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         image_size: int = 32,
         drop_ops: Sequence[str] = (),
         drop_last: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
         supervised: bool = False,
         sampler: str = "random",
         samples_per_class: int = 5,
@@ -364,8 +371,10 @@ class EmbeddingDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
-        if self.split_seed is None:  # set by seed_everything (LightningCLI's seed_everything), else 0
-            self.split_seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        if self.seed is None:
+            self.seed = run_seed()
+        if self.split_seed is None:
+            self.split_seed = run_seed()
         records = self.read_records()
         self.check_counts(records)
         splits = self.protocol_splits(records)

@@ -7,6 +7,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -443,3 +444,20 @@ def test_dataset_config_builds_its_datamodule_on_the_fixture(tmp_path, name):
     dm = cls(**args, allow_partial=True)  # the fixtures are tiny
     dm.setup()
     assert dm.eval_roles
+
+
+def test_a_data_seed_of_none_is_the_run_seed(monkeypatch):
+    """Runs over seeds differ in their training order and augmentations, not only their initialisation."""
+    def first_batch(**kwargs) -> tuple[list[int], torch.Tensor]:
+        dm = DigitsDataModule(batch_size=8, **kwargs)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        return batch["index"].tolist(), batch["views"][0]
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert first_batch()[0] == first_batch(seed=0)[0]  # no seed_everything: seed 0
+    L.seed_everything(3)
+    order, views = first_batch()
+    assert order == first_batch(seed=3)[0] and torch.equal(views, first_batch(seed=3)[1])
+    L.seed_everything(4)
+    assert first_batch()[0] != order

@@ -6,7 +6,6 @@ augmentation, sanity checks on what was read) lives here.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +23,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.device_augment import ResidentViewDataset, device_pipeline, make_views, resident_images
 from datamodules.samplers import EpochSampler, PKSampler, SubsetSampler
 from datamodules.transforms import MultiView, build_transform
+from embedding_core.seeds import sample_seed
 
 __all__ = ["DatasetSizeError", "DatasetSizeWarning", "EmbeddingDataModule", "EpochSampler", "ImageDataset",
            "MultiViewDataset", "Records", "dataset_dir", "draw_labeled", "has_files", "load_image",
-           "proportional_counts", "require_paths", "sample_seed"]
+           "proportional_counts", "require_paths"]
 
 EVAL_ROLES = ("reference", "query", "gallery")
 HIDDEN = -1  # target value of every training sample whose label the protocol hides
@@ -85,14 +85,6 @@ def load_image(item) -> Image.Image:
             return img.convert("RGB")
     except (OSError, ValueError) as err:
         raise OSError(f"cannot read image {item!r} ({err}); delete or replace the file") from err
-
-
-def sample_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
-    """A seed that depends only on (seed, epoch, index, draw): augmentations are then identical across
-    resumes, worker counts and DDP world sizes. `draw` tells apart repeats of one image in an epoch."""
-    key = f"{seed}:{epoch}:{index}" + (f":{draw}" if draw else "")
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def require_paths(name: str, root: str | os.PathLike | None, paths: Sequence[str], url: str,

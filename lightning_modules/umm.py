@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from embedding_core.distances import l2_normalize
 from lightning_modules.base import EmbeddingModule
-from lightning_modules.heads import GaussianHead, l2_normalize
-from lightning_modules.isif import isif_loss
+from lightning_modules.heads import GaussianHead
 from lightning_modules.losses import fp32
+from lightning_modules.losses.instance import isif_loss
 
 SOFTMAX_MODES = ("literal", "symmetric", "isif_2n")
 RANKING_POOLS = ("both_views", "single_view_literal")

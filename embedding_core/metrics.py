@@ -14,7 +14,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 from torch import Tensor
 
-from callbacks.search import Backend, block_rows, kmeans, tile_shape, topk_search
+from embedding_core.search import Backend, block_rows, kmeans, tile_shape, topk_search
 
 
 def check_finite(name: str, emb: Tensor) -> None:

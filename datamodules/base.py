@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets.utils import download_and_extract_archive
 
 from datamodules.device_augment import ResidentViewDataset, device_pipeline, make_views, resident_images
 from datamodules.samplers import EpochSampler, PKSampler, SubsetSampler
@@ -26,7 +27,7 @@ from datamodules.transforms import MultiView, build_transform
 from embedding_core.seeds import sample_seed
 
 __all__ = ["DatasetSizeError", "DatasetSizeWarning", "EmbeddingDataModule", "EpochSampler", "ImageDataset",
-           "MultiViewDataset", "Records", "dataset_dir", "draw_labeled", "has_files", "load_image",
+           "MultiViewDataset", "Records", "dataset_dir", "draw_labeled", "fetch_archive", "has_files", "load_image",
            "proportional_counts", "require_paths"]
 
 EVAL_ROLES = ("reference", "query", "gallery")
@@ -107,6 +108,17 @@ def require_paths(name: str, root: str | os.PathLike | None, paths: Sequence[str
 
 def has_files(root: str | os.PathLike | None, paths: Sequence[str]) -> bool:
     return root is not None and all((Path(root) / p).exists() for p in paths)
+
+
+DOWNLOAD_HINT = "; or pass --data.download true to fetch it with torchvision"
+
+
+def fetch_archive(root: str | os.PathLike, folder: str, paths: Sequence[str], url: str, filename: str,
+                  md5: str) -> None:
+    """Download and unpack a dataset's official archive into root with torchvision's downloader, unless its
+    files are already there: in root itself or in root/<folder> (the layout the archive unpacks to)."""
+    if not (has_files(root, paths) or has_files(Path(root) / folder, paths)):
+        download_and_extract_archive(url, root, filename=filename, md5=md5)
 
 
 def dataset_dir(name: str, root: str | os.PathLike | None, folder: str, paths: Sequence[str], url: str,

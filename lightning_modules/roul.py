@@ -263,8 +263,7 @@ class ROUL(IndexedMemory, EmbeddingModule):
     center_features: BatchNorm without affine on the pooled features (from scratch: see tac_ccl/digits.yaml).
     views_forward: `separate` runs view 0 alone and then the self-aug views, so BatchNorm, where it trains,
       normalises the MS loss's view by its own statistics as in the Baseline; `joint` is one forward over all
-      views (the same where BN is frozen). On digits from scratch (5 seeds, before the issue-22 fixes)
-      `joint` gave NMI 57.1, R@1 96.2; `separate` 61.0, 96.8; the Baseline (one view, no Φ) 62.6, 96.9.
+      views (the same where BN is frozen). Digits results of both: docs/methods/roul.md.
     seed: with global_step and rank, seeds each step's self-augmentations and anchor draw.
     """
 

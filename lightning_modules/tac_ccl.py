@@ -46,7 +46,7 @@ from lightning_modules.homography import (
     warp,
 )
 from lightning_modules.losses.clustering import contrastive_clustering_loss
-from lightning_modules.losses.common import fp32
+from lightning_modules.losses.common import fp32, gradient_shares
 from lightning_modules.memory import IndexedMemory
 
 # -- losses ----------------------------------------------------------------------------------------
@@ -81,20 +81,6 @@ def attention_consistency(anchor_map: Tensor, second_map: Tensor, homography: Te
     target = torch.where(aligned[:, None, None, None], warped, source)
     valid = torch.where(aligned[:, None, None, None], valid, torch.ones_like(valid))
     return (valid * (target - second_map * second_mask).square()).sum((1, 2, 3))
-
-
-def gradient_shares(terms: dict[str, Tensor], at: Tensor) -> dict[str, Tensor]:
-    """Each term's share of the summed gradient norms at `at` (a tensor every term depends on):
-    ‖∂t_i/∂at‖ / Σ_j ‖∂t_j/∂at‖, the graph kept for the training backward. A term that does not reach
-    `at` gets 0. Shows whether a term is alive or swamped (docs/methods/tac_ccl.md)."""
-    norms = {}
-    for name, term in terms.items():
-        grad = None
-        if term.requires_grad:
-            grad = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)[0]
-        norms[name] = grad.float().norm() if grad is not None else at.new_zeros((), dtype=torch.float32)
-    total = sum(norms.values()).clamp_min(1e-30)
-    return {name: norm / total for name, norm in norms.items()}
 
 
 @fp32

@@ -28,23 +28,25 @@ def suite_modules() -> dict[str, Path]:
     return {module_name(path): path for package in ALLOWED for path in (ROOT / package).rglob("*.py")}
 
 
-def imports(path: Path, known: dict[str, Path]) -> set[str]:
+def imports(path: Path, known: dict[str, Path], package: str = "") -> set[str]:
     """The suite modules a file imports anywhere in it (function-level imports included); `from pkg import sub`
-    names the submodule when `sub` is one."""
+    names the submodule when `sub` is one; a relative import is resolved against `package`."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names
-                         if f"{node.module}.{alias.name}" in known)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in known)
     return {name for name in found if name in known}
 
 
 def import_graph() -> dict[str, set[str]]:
     known = suite_modules()
-    return {name: imports(path, known) - {name} for name, path in known.items()}
+    return {name: imports(path, known, name if path.name == "__init__.py" else name.rpartition(".")[0]) - {name}
+            for name, path in known.items()}
 
 
 def test_every_import_points_down_the_layers():
@@ -90,3 +92,6 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     planted = tmp_path / "planted.py"
     planted.write_text("def f():\n    from callbacks.evaluation import EmbeddingEvaluator\n")
     assert imports(planted, suite_modules()) == {"callbacks.evaluation"}
+    planted.write_text("from ..callbacks import evaluation\nfrom . import umm\n")
+    assert imports(planted, suite_modules(), "lightning_modules") == {"callbacks", "callbacks.evaluation",
+                                                                       "lightning_modules", "lightning_modules.umm"}

@@ -30,22 +30,23 @@ def multi_similarity_loss(query: torch.Tensor, query_labels: torch.Tensor, keys:
     pairs that are neither positive nor negative (a memory's copies of the query itself,
     `IndexedMemory.own_copies`); mined by `ms_mined_pairs`, the miner's rule on masks.
 
-    The library's per-anchor math is called below its `forward`, whose guard returns a zero loss whenever at
-    most one positive and one negative pair were mined: a real anchor pair would train nothing.
+    The loss's public `forward` guards against tiny inputs: it returns a zero loss whenever at most one
+    positive and one negative pair are given, so a real anchor pair would train nothing. Such pairs are
+    handed over twice (the pair masks it builds are the same), which the guard lets through.
     """
     losses, miners = _multi_similarity()
     loss = losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=threshold)
-    sim = loss.distance(query, query if keys is None else keys)
     if exclude is not None:
         if keys is None:
             raise ValueError("exclude masks query-key pairs of a memory: pass keys and key_labels too")
-        positive, negative = ms_mined_pairs(sim, query_labels[:, None] == key_labels[None, :], ~exclude, margin)
-        return loss._compute_loss(sim, positive.float(), negative.float())["loss"]["losses"].mean()
-    mined = miners.MultiSimilarityMiner(epsilon=margin)(query, query_labels, keys, key_labels)
-    positive, negative = torch.zeros_like(sim), torch.zeros_like(sim)
-    positive[mined[0], mined[1]] = 1
-    negative[mined[2], mined[3]] = 1
-    return loss._compute_loss(sim, positive, negative)["loss"]["losses"].mean()
+        positive, negative = ms_mined_pairs(loss.distance(query, keys), query_labels[:, None] == key_labels[None, :],
+                                            ~exclude, margin)
+        pairs = (*positive.nonzero(as_tuple=True), *negative.nonzero(as_tuple=True))
+    else:
+        pairs = miners.MultiSimilarityMiner(epsilon=margin)(query, query_labels, keys, key_labels)
+    if all(len(indices) <= 1 for indices in pairs):
+        pairs = tuple(indices.repeat(2) for indices in pairs)
+    return loss(query, query_labels, pairs, keys, key_labels)
 
 
 def ms_mined_pairs(sim: torch.Tensor, same: torch.Tensor, valid: torch.Tensor,

@@ -2,7 +2,7 @@
 
 All three metrics are reported in percent (0..100), NMI included (NMI x 100, as the DML tables
 print it). Embeddings are expected L2-normalised, so inner product = cosine similarity. The
-conventions follow specs/datasets-and-metrics.md section 3.
+conventions are the deep-metric-learning papers' (README.md, Metrics).
 """
 
 from __future__ import annotations

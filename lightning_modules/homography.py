@@ -61,7 +61,7 @@ def homography_from_points(source: Tensor, target: Tensor) -> Tensor:
 @hparam
 @dataclass
 class TransformRanges:
-    """The family 𝒯 of self-pair transforms (§3.4 [R]; the chapter gives no ranges); one kind per pair.
+    """The family 𝒯 of self-pair transforms (the chapter gives no ranges: docs/methods/tac_ccl.md); one kind per pair.
     Each maps second-view points to anchor points: crop = a square sub-window of side crop_scale,
     zoom about the centre (log-uniform), rotation of ±rotation_degrees, perspective = each corner moved by
     up to perspective_shift (normalised units; 8 parameters, the chapter's "6" being an affine)."""

@@ -13,7 +13,7 @@ def _keep_negatives(sim: torch.Tensor, negatives: torch.Tensor, selection: str) 
         return negatives
     if selection not in ("hard_half", "easy_half"):
         raise ValueError(f"negative_selection {selection!r}: use all, hard_half or easy_half")
-    keep = int(negatives[0].sum().item()) // 2  # N-1 of the 2N-2 negatives (spec §3.6 [R])
+    keep = int(negatives[0].sum().item()) // 2  # N-1 of the 2N-2: a half, as Table 8 [R]
     fill = float("-inf") if selection == "hard_half" else float("inf")
     ranked = sim.masked_fill(~negatives, fill)
     picked = ranked.topk(keep, dim=1, largest=selection == "hard_half").indices
@@ -49,7 +49,7 @@ def isif_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, deta
 @fp32
 def isif_loss_literal(f: torch.Tensor, f_hat: torch.Tensor, temperature: float = 0.1,
                       detach_candidates: bool = True) -> dict[str, torch.Tensor]:
-    """The paper's Eq. 3/4/7 read literally (spec A1), divided by m = number of instances.
+    """The paper's Eq. 3/4/7 read literally (`variant: literal`, docs/methods/isif.md), divided by m = number of instances.
 
     positive: -log P(i | x̂_i), softmax of f̂_i against all branch-1 features {f_k};
     negative: -Σ_{j≠i} log(1 - P(i | x_j)), softmax of f_j against {f_k}, self (k = j) included.

@@ -277,6 +277,49 @@ class AppendingCSVLogger(CSVLogger):
         return self._experiment
 
 
+def logged_history(metrics_csv: str | Path, up_to_step: int) -> list[tuple[int, dict[str, float]]]:
+    """The rows of a run's metrics.csv logged at steps up to `up_to_step`, as (step, {name: value}) in file
+    order, each with only the values it holds; [] when the file does not exist."""
+    path = Path(metrics_csv)
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.pop("step", "") or -1))
+            values = {name: float(value) for name, value in row.items() if name and value not in ("", None)}
+            if 0 <= step <= up_to_step and values:
+                rows.append((step, values))
+    return rows
+
+
+class ReplayHistoryOnResume(Callback):
+    """Logs the run's history before its checkpoint again into a resumed offline W&B run.
+
+    W&B cannot resume an offline run: the resumed process writes a new offline folder under the same id
+    whose history starts empty, `wandb sync` of it replaces what an earlier folder uploaded, and a kill -9
+    can leave the earlier folder without its last records. metrics.csv, written beside W&B and appended
+    to on resume, holds every row, so the resumed run starts by logging those up to the restored step: the
+    latest offline folder holds the whole run. At train start, once Lightning has restored the step."""
+
+    def __init__(self, metrics_csv: str | Path):
+        self.metrics_csv = Path(metrics_csv)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        history = logged_history(self.metrics_csv, trainer.global_step)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                for step, values in history:
+                    logger.log_metrics(values, step=step)
+
+
+def wandb_offline() -> bool:
+    """W&B runs offline unless the user is logged in (or set WANDB_MODE); `wandb sync` uploads later."""
+    return os.environ.get("WANDB_MODE", "online" if wandb_logged_in() else "offline") == "offline"
+
+
 def wandb_run_id(run_dir: str, resume: bool) -> str:
     """The W&B run id of this run directory: WANDB_RUN_ID where W&B's own tools set it (a sweep agent
     names its trial's run so), else the stored one on resume, else a new one; stored by rank 0."""
@@ -324,9 +367,7 @@ def check_before_the_run(logger: str, model, datamodule) -> None:
 def build_logger(kind: str, run_dir: str, project: str, name: str, resume: bool = False,
                  group: str | None = None, tags: list[str] | None = None):
     if kind == "wandb":
-        # Offline unless the user is logged in (or set WANDB_MODE): `wandb sync <run_dir>/wandb/...` uploads.
-        offline = os.environ.get("WANDB_MODE", "online" if wandb_logged_in() else "offline") == "offline"
-        return WandbLogger(project=project, name=name, save_dir=run_dir, offline=offline,
+        return WandbLogger(project=project, name=name, save_dir=run_dir, offline=wandb_offline(),
                            id=wandb_run_id(run_dir, resume), resume="allow", group=group, tags=tags)
     if kind == "csv":
         return (AppendingCSVLogger if resume else CSVLogger)(save_dir=run_dir, name="csv", version="")
@@ -702,6 +743,8 @@ class SuiteCLI(LightningCLI):
         meta = run_metadata(cfg)
         logger = build_logger(cfg.run.logger, run_dir, cfg.run.project, name, resume=resume, group=meta["group"],
                               tags=meta["tags"])
+        if resume and cfg.run.logger == "wandb" and wandb_offline():
+            callbacks.append(ReplayHistoryOnResume(Path(run_dir, "csv", "metrics.csv")))
         if trainer_cfg.get("precision") is None:  # base.yaml's default: bf16 autocast where it is safe
             kwargs.setdefault("precision", default_precision(trainer_cfg.get("accelerator")))
         return super().instantiate_trainer(default_root_dir=run_dir, callbacks=callbacks, plugins=plugins,

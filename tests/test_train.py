@@ -9,9 +9,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.digits import DigitsDataModule
-from experiments.train import RUN_DIR_ENV, WANDB_ID_FILE, SuiteCLI, last_checkpoint, main
+from experiments.train import (
+    RUN_DIR_ENV,
+    WANDB_ID_FILE,
+    ReplayHistoryOnResume,
+    SuiteCLI,
+    last_checkpoint,
+    logged_history,
+    main,
+)
 from lightning_modules.isif import ISIF
 from tests.wandb_records import records as wandb_records
 from tests.wandb_records import summary as wandb_summary
@@ -149,6 +158,35 @@ def test_a_resumed_wandb_run_continues_the_same_wandb_run(tmp_path, monkeypatch)
     offline = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 2
     assert [p.name.rsplit("-", 1)[-1] for p in offline] == [run_id, run_id]
+
+
+HISTORY = "step,epoch,train/loss,val/knn_top1\n2,0,1.5,\n2,0,,70.0\n5,1,1.25,\n5,1,,80.0\n8,2,1.0,\n"
+
+
+def test_logged_history_keeps_the_rows_up_to_the_restored_step(tmp_path):
+    (tmp_path / "metrics.csv").write_text(HISTORY)
+    assert logged_history(tmp_path / "metrics.csv", 5) == [
+        (2, {"epoch": 0.0, "train/loss": 1.5}), (2, {"epoch": 0.0, "val/knn_top1": 70.0}),
+        (5, {"epoch": 1.0, "train/loss": 1.25}), (5, {"epoch": 1.0, "val/knn_top1": 80.0})]
+    assert logged_history(tmp_path / "absent.csv", 5) == []
+
+
+class RecordingWandb(WandbLogger):
+    def __init__(self):
+        super().__init__(offline=True)
+        self.logged = []
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+
+def test_a_resumed_offline_wandb_run_logs_the_history_before_its_checkpoint_first(tmp_path):
+    (tmp_path / "metrics.csv").write_text(HISTORY)
+    wandb = RecordingWandb()
+    trainer = type("Trainer", (), {"is_global_zero": True, "global_step": 5, "loggers": [wandb]})()
+    ReplayHistoryOnResume(tmp_path / "metrics.csv").on_train_start(trainer, None)
+    assert [step for step, _ in wandb.logged] == [2, 2, 5, 5]
+    assert wandb.logged[3] == (5, {"epoch": 1.0, "val/knn_top1": 80.0})
 
 
 def test_a_run_that_cannot_write_its_checkpoint_stops_before_training(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ GPU and the CPU build otherwise. The extras `cpu` and `gpu` name that same requi
 `pip install -e '.[gpu]'` and `pip install -e '.[cpu]'` each install one faiss. For GPU search:
 `pip uninstall -y faiss-cpu && SUITE_FAISS=gpu pip install -e '.[gpu]'`. The rest of the metadata is in
 pyproject.toml; the suite names the faiss it runs with in each run's header and in `make bench`
-(callbacks/faiss_build.py)."""
+(embedding_core/faiss_build.py)."""
 from __future__ import annotations
 
 import os

@@ -21,28 +21,11 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from callbacks import metrics
 from callbacks.refine import refined_recall_at_k
-from callbacks.search import resolve_backend
+from embedding_core import metrics
+from embedding_core.distributed import gather_unique
+from embedding_core.search import resolve_backend
 from lightning_modules.base import divergence_message, saved_checkpoint
-
-
-def deduplicate(embedding: torch.Tensor, target: torch.Tensor, index: torch.Tensor):
-    """Rows sorted by dataset index, each index once: the padding a DistributedSampler adds is gone and
-    the order no longer depends on the number of processes."""
-    order = torch.argsort(index, stable=True)
-    index, embedding, target = index[order], embedding[order], target[order]
-    first = torch.ones_like(index, dtype=torch.bool)
-    first[1:] = index[1:] != index[:-1]
-    return embedding[first], target[first], index[first]
-
-
-def gather_unique(pl_module: L.LightningModule, embedding: torch.Tensor, target: torch.Tensor,
-                  index: torch.Tensor):
-    """All ranks' rows (equal counts per rank, as a DistributedSampler pads them), each index once."""
-    if pl_module.trainer is not None and pl_module.trainer.world_size > 1:
-        embedding, target, index = (pl_module.all_gather(x).flatten(0, 1) for x in (embedding, target, index))
-    return deduplicate(embedding, target, index)
 
 
 def require_finite(trainer, name: str, values: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from callbacks.evaluation import Scoreboard, is_final_validation
-from callbacks.features import extract_features
+from embedding_core.features import extract_features
 
 FEATURES = ("embedding", "backbone")
 

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.evaluation import EmbeddingEvaluator, is_final_validation
-from callbacks.features import extract_features
+from embedding_core.features import extract_features
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after the non-interactive backend is chosen

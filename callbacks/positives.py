@@ -9,9 +9,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from callbacks.features import extract_features
-from callbacks.search import topk_search
-from lightning_modules.heads import l2_normalize
+from embedding_core.distances import l2_normalize
+from embedding_core.features import extract_features
+from embedding_core.search import topk_search
 
 
 def draw_partners(neighbour: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:

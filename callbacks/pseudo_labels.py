@@ -2,7 +2,7 @@
 
 Before the first epoch and every `every_n_epochs` epochs, the training split is embedded in order through
 the eval transform (`extract_features`, gathered over ranks), clustered by k-means with a fixed seed
-(`callbacks.search.kmeans`: greedy k-means++ seeds, Lloyd's iterations on faiss, on GPU when present),
+(`embedding_core.search.kmeans`: greedy k-means++ seeds, Lloyd's iterations on faiss, on GPU when present),
 and the labels go to the datamodule (`set_pseudo_labels`: the P x K sampler re-keys) and, if it has the
 setter, to the module (`set_pseudo_labels(labels, centers, embedding)`). A loader's iterator, and its
 workers' copy of the sampler, exists before `on_train_epoch_start`, so the labels of epoch e are computed
@@ -17,16 +17,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from callbacks.features import extract_features
-from callbacks.metrics import nmi_from_labels
-from callbacks.search import check_init, kmeans, resolve_backend
-
-
-def cluster_centers(x: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
-    """Mean of each cluster's rows (K, d), not re-normalised: the centres a centre-based loss compares to."""
-    sums = torch.zeros(num_clusters, x.shape[1], device=x.device).index_add_(0, labels, x.float())
-    counts = torch.bincount(labels, minlength=num_clusters).clamp_min(1)
-    return sums / counts[:, None]
+from embedding_core.clusters import cluster_centers
+from embedding_core.features import extract_features
+from embedding_core.metrics import nmi_from_labels
+from embedding_core.search import check_init, kmeans, resolve_backend
 
 
 def pair_precision(targets: np.ndarray, labels: np.ndarray) -> float:
@@ -57,7 +51,7 @@ class KMeansPseudoLabels(L.Callback):
     """k-means pseudo labels of the training split, refreshed every `every_n_epochs` epochs.
 
     num_clusters: K (TAC-CCL: 100 for CUB/Cars, 10,000 for SOP). seed, restarts, iterations, backend, init:
-    the k-means run (`callbacks.search.kmeans`; one run of 50 iterations from greedy k-means++ seeds by
+    the k-means run (`embedding_core.search.kmeans`; one run of 50 iterations from greedy k-means++ seeds by
     default; init="random" is the cheaper seeding that misses clusters, see there). Cluster ids come back
     contiguous (0..K'-1, empty clusters dropped). Under DDP every rank extracts (a collective), rank 0
     clusters, and labels and centres are broadcast. The labels survive a checkpoint (state_dict).
@@ -127,7 +121,7 @@ class KMeansPseudoLabels(L.Callback):
         labels = kmeans(embedding, self.num_clusters, seed=self.seed, restarts=self.restarts,
                         iterations=self.iterations, backend=self.backend, init=self.init)
         labels = torch.unique(labels, return_inverse=True)[1]
-        return labels.cpu(), cluster_centers(embedding, labels, int(labels.max()) + 1).cpu()
+        return labels.cpu(), cluster_centers(embedding.float(), labels, int(labels.max()) + 1, empty=0.0).cpu()
 
     def publish(self, trainer: L.Trainer, pl_module: L.LightningModule, embedding: Tensor | None) -> None:
         trainer.datamodule.set_pseudo_labels(self.labels)

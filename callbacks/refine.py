@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from callbacks import metrics
-from callbacks.search import topk_search
+from embedding_core import metrics
+from embedding_core.search import topk_search
 
 OrderFn = Callable[[Tensor, Tensor], Tensor]  # (anchor (b, D), items (b, M, D)) -> Ô (b, M, M)
 

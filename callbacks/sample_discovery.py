@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from callbacks.features import extract_features, own_random_stream
+from embedding_core.clusters import cluster_centers
+from embedding_core.features import extract_features
+from embedding_core.seeds import own_random_stream
 
 RULES = ("min", "max", "random", "min_then_max")
 FUSIONS = ("none", "avg_distance", "cascade", "avg_rank")
@@ -38,14 +40,6 @@ LABEL_RULES = ("soft_argmax", "nearest_center", "agree_only")
 
 
 # -- pure pieces -------------------------------------------------------------------------------------
-def class_centers(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """(C, d) mean feature per class (Eq. 2.8); NaN rows for classes with no labeled image."""
-    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
-    sums.index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=num_classes).to(features.dtype)
-    return sums / counts[:, None]
-
-
 def center_distances(features: Tensor, centers: Tensor) -> Tensor:
     """(N, C) Euclidean distances to the class centres, computed exactly (no matmul expansion, so the
     ranking does not depend on the batch layout); inf to a class without a centre."""
@@ -83,7 +77,7 @@ def fused_scores(feature_sets: list[Tensor], reference: Tensor, reference_labels
         sets = sets[-1:]
     elif fusion == "cascade":
         sets = [torch.cat(sets, dim=1)]
-    distances = [center_distances(f[candidates], class_centers(f[reference], reference_labels, num_classes))
+    distances = [center_distances(f[candidates], cluster_centers(f[reference], reference_labels, num_classes))
                  for f in sets]
     if fusion == "avg_rank":
         nearest = [nearest_center(d) for d in distances]
@@ -166,7 +160,7 @@ def critical_select(candidates: Tensor, reference: Tensor, reference_labels: Ten
     if label_rule not in LABEL_RULES:
         raise ValueError(f"label_rule {label_rule!r}: use one of {LABEL_RULES}")
     beta = 1.0 / num_classes if beta is None else beta
-    centre_label, distance = nearest_center(center_distances(candidates, class_centers(reference, reference_labels,
+    centre_label, distance = nearest_center(center_distances(candidates, cluster_centers(reference, reference_labels,
                                                                                         num_classes)))
     by_distance = select(distance, len(distance), "min")  # every candidate, nearest first
     if mode == "min_distance":

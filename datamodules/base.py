@@ -6,7 +6,6 @@ augmentation, sanity checks on what was read) lives here.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,14 +19,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets.utils import download_and_extract_archive
 
 from datamodules.device_augment import ResidentViewDataset, device_pipeline, make_views, resident_images
 from datamodules.samplers import EpochSampler, PKSampler, SubsetSampler
 from datamodules.transforms import MultiView, build_transform
+from embedding_core.seeds import sample_seed
 
 __all__ = ["DatasetSizeError", "DatasetSizeWarning", "EmbeddingDataModule", "EpochSampler", "ImageDataset",
-           "MultiViewDataset", "Records", "dataset_dir", "draw_labeled", "has_files", "load_image",
-           "proportional_counts", "require_paths", "sample_seed"]
+           "MultiViewDataset", "Records", "dataset_dir", "draw_labeled", "fetch_archive", "has_files", "load_image",
+           "proportional_counts", "require_paths"]
 
 EVAL_ROLES = ("reference", "query", "gallery")
 HIDDEN = -1  # target value of every training sample whose label the protocol hides
@@ -92,14 +93,6 @@ def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
-def sample_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
-    """A seed that depends only on (seed, epoch, index, draw): augmentations are then identical across
-    resumes, worker counts and DDP world sizes. `draw` tells apart repeats of one image in an epoch."""
-    key = f"{seed}:{epoch}:{index}" + (f":{draw}" if draw else "")
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def require_paths(name: str, root: str | os.PathLike | None, paths: Sequence[str], url: str,
                   hint: str = "") -> Path:
     """`root` as a Path once every expected file/folder exists under it; otherwise a FileNotFoundError
@@ -120,6 +113,17 @@ def require_paths(name: str, root: str | os.PathLike | None, paths: Sequence[str
 
 def has_files(root: str | os.PathLike | None, paths: Sequence[str]) -> bool:
     return root is not None and all((Path(root) / p).exists() for p in paths)
+
+
+DOWNLOAD_HINT = "; or pass --data.download true to fetch it with torchvision"
+
+
+def fetch_archive(root: str | os.PathLike, folder: str, paths: Sequence[str], url: str, filename: str,
+                  md5: str) -> None:
+    """Download and unpack a dataset's official archive into root with torchvision's downloader, unless its
+    files are already there: in root itself or in root/<folder> (the layout the archive unpacks to)."""
+    if not (has_files(root, paths) or has_files(Path(root) / folder, paths)):
+        download_and_extract_archive(url, root, filename=filename, md5=md5)
 
 
 def dataset_dir(name: str, root: str | os.PathLike | None, folder: str, paths: Sequence[str], url: str,

@@ -27,9 +27,15 @@ from typing import ClassVar
 
 import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import download_and_extract_archive
 
-from datamodules.base import EmbeddingDataModule, Records, dataset_dir, has_files, load_image
+from datamodules.base import (
+    DOWNLOAD_HINT,
+    EmbeddingDataModule,
+    Records,
+    dataset_dir,
+    fetch_archive,
+    load_image,
+)
 from datamodules.folder import class_folders, image_files
 from datamodules.safe_io import load_data_pickle
 
@@ -140,10 +146,8 @@ class CIFAR10DataModule(EmbeddingDataModule):
     def prepare_data(self) -> None:
         if not self.download or self.root is None or self.image_folders() is not None:
             return
-        files = (*self.train_files, *self.test_files)
-        if not (has_files(self.root, files) or has_files(Path(self.root) / self.source.base_folder, files)):
-            download_and_extract_archive(self.source.url, self.root, filename=self.source.filename,
-                                         md5=self.source.tgz_md5)
+        fetch_archive(self.root, self.source.base_folder, (*self.train_files, *self.test_files), self.source.url,
+                      self.source.filename, self.source.tgz_md5)
 
     def read_records(self) -> dict[str, Records]:
         folders = self.image_folders()
@@ -153,7 +157,7 @@ class CIFAR10DataModule(EmbeddingDataModule):
         self.prepare_data()
         files = (*self.train_files, *self.test_files)
         folder = dataset_dir(self.name, self.root, self.source.base_folder, files, CIFAR_URL,
-                             hint="; or pass --data.download true to fetch it with torchvision")
+                             hint=DOWNLOAD_HINT)
 
         def read(names: tuple[str, ...]) -> Records:
             parts = [read_cifar_file(folder / name, self.label_key) for name in names]

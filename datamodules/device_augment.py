@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from datamodules.transforms import ResizeIfNeeded
+from embedding_core.seeds import sample_seed
 
 GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma: PIL's convert("L") and torchvision's rgb_to_grayscale
 
@@ -388,8 +389,6 @@ class ResidentViewDataset(Dataset):
 
     def __init__(self, targets: np.ndarray, draws: int, num_views: int, seed: int = 0,
                  reveal_targets: bool = False, partners: np.ndarray | None = None):
-        from datamodules.base import sample_seed  # the suite's per-sample seed (base imports this module)
-
         self.sample_seed, self.targets, self.draws, self.num_views = sample_seed, targets, draws, num_views
         self.seed, self.reveal_targets, self.partners = seed, reveal_targets, partners
         self.extras: Callable[[int, int], dict] | None = None

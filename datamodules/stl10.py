@@ -12,9 +12,15 @@ from pathlib import Path
 
 import numpy as np
 from torchvision.datasets import STL10
-from torchvision.datasets.utils import download_and_extract_archive
 
-from datamodules.base import HIDDEN, EmbeddingDataModule, Records, dataset_dir, has_files
+from datamodules.base import (
+    DOWNLOAD_HINT,
+    HIDDEN,
+    EmbeddingDataModule,
+    Records,
+    dataset_dir,
+    fetch_archive,
+)
 from datamodules.cifar import CIFAR10DataModule
 
 STL10_URL = "https://cs.stanford.edu/~acoates/stl10/"
@@ -79,14 +85,12 @@ class STL10DataModule(EmbeddingDataModule):
     def prepare_data(self) -> None:
         if not self.download or self.root is None:
             return
-        files = self._files()
-        if not (has_files(self.root, files) or has_files(Path(self.root) / STL10.base_folder, files)):
-            download_and_extract_archive(STL10.url, self.root, filename=STL10.filename, md5=STL10.tgz_md5)
+        fetch_archive(self.root, STL10.base_folder, self._files(), STL10.url, STL10.filename, STL10.tgz_md5)
 
     def read_records(self) -> dict[str, Records]:
         self.prepare_data()
         folder = dataset_dir(self.name, self.root, STL10.base_folder, self._files(), STL10_URL,
-                             hint="; or pass --data.download true to fetch it with torchvision")
+                             hint=DOWNLOAD_HINT)
         labeled, test = read_stl_split(folder, "train"), read_stl_split(folder, "test")
         train = labeled
         if self.train_split == "train+unlabeled":

@@ -14,7 +14,7 @@ import numpy as np
 from torchvision.datasets import SVHN
 from torchvision.datasets.utils import download_url
 
-from datamodules.base import EmbeddingDataModule, Records, has_files, require_paths
+from datamodules.base import DOWNLOAD_HINT, EmbeddingDataModule, Records, has_files, require_paths
 from datamodules.safe_io import load_mat
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
@@ -60,5 +60,5 @@ class SVHNDataModule(EmbeddingDataModule):
         self.prepare_data()
         files = [SVHN.split_list[split][1] for split in SPLITS]
         root = require_paths(self.name, self.root, files, SVHN_URL,
-                             hint="; or pass --data.download true to fetch it with torchvision")
+                             hint=DOWNLOAD_HINT)
         return {split: read_svhn_file(root / filename) for split, filename in zip(SPLITS, files)}

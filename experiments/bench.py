@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from callbacks import faiss_build, metrics, search
+from embedding_core import faiss_build, metrics, search
 
 KNN_K = 200
 PLAIN_TORCH_MAX_BYTES = 8 * 2**30  # a full N x N float32 matrix above this is computed blockwise
@@ -377,9 +377,9 @@ def _refresh_rows(quick: bool) -> list[str]:
     iterations = (1, 2) if quick else (2, 6)
     x = clustered_features(n, dim, 2 * k)
     sub, sub_k = clustered_features(n // 4, dim, 2 * k // 4), k // 4
-    cases = [("faiss (`callbacks.search.kmeans`)", x, k,
+    cases = [("faiss (`embedding_core.search.kmeans`)", x, k,
               lambda i: search.kmeans(x, k, restarts=1, iterations=i)),
-             ("faiss (`callbacks.search.kmeans`)", sub, sub_k,
+             ("faiss (`embedding_core.search.kmeans`)", sub, sub_k,
               lambda i: search.kmeans(sub, sub_k, restarts=1, iterations=i)),
              ("scikit-learn KMeans (lloyd, n_init=1)", sub, sub_k, lambda i: _sklearn_kmeans(sub, sub_k, i))]
     rows = []
@@ -396,7 +396,7 @@ def _tac_ccl_images_per_second(backbone: str, size: int, batch_size: int, steps:
     """Optimizer steps of TACCCL.training_step on random images (model and losses only, no data loading),
     with 100 pseudo classes, P x 5 batches and a 5,864-entry memory bank (CUB-sized)."""
 
-    from callbacks.pseudo_labels import cluster_centers
+    from embedding_core.clusters import cluster_centers
     from lightning_modules.tac_ccl import TACCCL
 
     torch.manual_seed(0)
@@ -555,7 +555,7 @@ def _roul_images_per_second(backbone: str, size: int, batch_size: int, steps: in
     """Optimizer steps of ROUL.training_step on random images (model and losses only), with TAC-CCL's bench
     setting: 100 pseudo classes, P x 5 batches, a 5,864-entry memory bank; 128-d; every item in a core."""
 
-    from callbacks.pseudo_labels import cluster_centers
+    from embedding_core.clusters import cluster_centers
     from lightning_modules.roul import ROUL
 
     torch.manual_seed(0)

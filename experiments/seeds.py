@@ -48,7 +48,7 @@ SEED_FLAGS = {
     "san_unsupervised": ["--trainer.callbacks.init_args.seed={seed}"],
     "eir": ["--model.init_args.seed={seed}"],
 }
-# the overrides each method's learning test runs with (tests/test_*_train.py import these)
+# the overrides each method's learning test runs with (tests/learning.py runs them)
 TEST_BUDGET = {
     "isif": ["--trainer.max_epochs=3", "--evaluation.kmeans_restarts=2"],
     "umm": ["--trainer.max_epochs=3", "--evaluation.kmeans_restarts=2"],

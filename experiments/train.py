@@ -43,11 +43,11 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks import faiss_build, search
 from callbacks.evaluation import EmbeddingEvaluator, Scoreboard
 from callbacks.pictures import Pictures
 from datamodules.base import DatasetSizeError, EmbeddingDataModule
 from datamodules.files import atomic_write
+from embedding_core import faiss_build, search
 from experiments.console import EpochLine, SuiteProgressBar, quiet_known_noise, show_progress_bar
 from lightning_modules.base import (
     EmbeddingModule,

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from embedding_core.distributed import gather_ranks
 from lightning_modules.backbones import build_backbone
 from lightning_modules.heads import EmbeddingHead
 
@@ -241,9 +242,7 @@ class EmbeddingModule(L.LightningModule):
     # -- helpers for methods --------------------------------------------------------------------
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """All ranks' rows, with gradient flowing back to this rank's rows (identity on one process)."""
-        if self.trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x, sync_grads=True).flatten(0, 1)
+        return gather_ranks(self, x, sync_grads=True)[0]
 
     def log_terms(self, terms: dict[str, torch.Tensor], embedding: torch.Tensor | None = None) -> None:
         """Log every loss term under train/, and the collapse diagnostic (mean per-dimension std)."""

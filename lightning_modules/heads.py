@@ -7,10 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """Rows scaled to unit L2 norm (last dimension): the one name for this step across methods."""
-    return F.normalize(x, p=2.0, dim=-1, eps=eps)
+from embedding_core.distances import l2_normalize
 
 
 class EmbeddingHead(nn.Module):

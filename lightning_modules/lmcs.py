@@ -38,16 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.features import extract_features, own_random_stream
-from callbacks.sample_discovery import class_centers
-from callbacks.search import lloyd
+from embedding_core.clusters import cluster_centers
+from embedding_core.features import extract_features
+from embedding_core.search import lloyd
+from embedding_core.seeds import own_random_stream
 from lightning_modules.batchnorm import batch_statistics
-from lightning_modules.losses import fp32
-from lightning_modules.semi import Classifier, SemiSupervised, frozen_copy, sharpen, softmax_mse
-from lightning_modules.snowball import Curriculum
+from lightning_modules.losses.clustering import JD_MODES, discriminative_power
+from lightning_modules.semi import Classifier, Curriculum, SemiSupervised, frozen_copy, sharpen, softmax_mse
 
 GUIDANCE = ("label_guess", "extra_mse", "none")
-JD_MODES = ("ratio", "literal", "neg_gap")
 MASTER_BN = ("batch", "running")
 VERSIONS = ("student", "previous", "teacher")  # current, previous-step and EMA student, in converter order
 
@@ -56,21 +55,6 @@ VERSIONS = ("student", "previous", "teacher")  # current, previous-step and EMA 
 def compose(features: list[Tensor], converters: nn.ModuleList) -> Tensor:
     """The fused feature z = sum_j A_j(h_j) of Fig. 3.3."""
     return sum(convert(h) for convert, h in zip(converters, features, strict=True))
-
-
-@fp32
-def discriminative_power(features: Tensor, centers: Tensor, mode: str = "ratio") -> Tensor:
-    """J_D over a batch, from each L2-normalised feature's distances d0 <= d1 to its two nearest (fixed)
-    centres: ratio mean d0 / (d1 + 1e-8); literal Eq. 3.6 as a mean, (d0 - d1)^2; neg_gap -mean(d1 - d0)."""
-    if mode not in JD_MODES:
-        raise ValueError(f"jd_mode {mode!r}: use one of {JD_MODES}")
-    diff = F.normalize(features, dim=1)[:, None, :] - centers[None, :, :].detach()
-    d0, d1 = diff.pow(2).sum(dim=2).clamp_min(1e-12).sqrt().topk(2, dim=1, largest=False).values.unbind(dim=1)
-    if mode == "ratio":
-        return (d0 / (d1 + 1e-8)).mean()
-    if mode == "literal":
-        return (d0 - d1).pow(2).mean()
-    return -(d1 - d0).mean()
 
 
 @contextlib.contextmanager
@@ -236,7 +220,7 @@ class LMCS(SemiSupervised):
             unlabeled = unlabeled[torch.randperm(len(unlabeled), generator=generator)[: self.kmeans_samples]]
         labeled = torch.as_tensor(dm.labeled_indices, device=features.device)
         targets = torch.as_tensor(dm.labeled_targets, device=features.device)
-        centers = class_centers(features[labeled], targets, self.num_classes).nan_to_num(0.0)
+        centers = cluster_centers(features[labeled], targets, self.num_classes).nan_to_num(0.0)
         lloyd(features[unlabeled].float(), centers, self.kmeans_iterations)  # moves `centers` in place
         return centers
 

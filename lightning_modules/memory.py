@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from embedding_core.distributed import gather_ranks
+from embedding_core.seeds import step_generator
 from lightning_modules.losses import multi_similarity_loss
 
 
@@ -33,8 +35,7 @@ class IndexedMemory:
     def enqueue(self, embedding: Tensor, index: Tensor) -> None:
         """FIFO update with every rank's batch. Out of place: a loss term read from the bank this step, not
         yet back-propagated, still holds the old bank."""
-        if self._trainer is not None and self.trainer.world_size > 1:
-            embedding, index = (self.all_gather(t).flatten(0, 1) for t in (embedding, index))
+        embedding, index = gather_ranks(self, embedding, index)
         slots = (self.memory_cursor + torch.arange(len(index), device=self.device)) % len(self.memory_index)
         self.memory_embedding = self.memory_embedding.index_copy(0, slots, embedding.float())
         self.memory_index = self.memory_index.index_copy(0, slots, index)
@@ -43,6 +44,18 @@ class IndexedMemory:
     def memory_labels(self) -> Tensor:
         """The bank rows' labels, read now from the module's pseudo labels."""
         return self.pseudo_labels[self.memory_index]
+
+    def batch_pseudo_labels(self, index: Tensor) -> Tensor:
+        """The batch's pseudo labels by dataset index; a clear stop when no k-means refresh has set any."""
+        if len(self.pseudo_labels) == 0:
+            raise RuntimeError(f"{type(self).__name__} has no pseudo labels: add callbacks.pseudo_labels."
+                               "KMeansPseudoLabels to trainer.callbacks (it sets them before the first epoch)")
+        return self.pseudo_labels[index]
+
+    def _generator(self) -> torch.Generator:
+        """This step's CPU generator on this rank (`step_generator` of the module's `seed`)."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return step_generator(self.seed, self.global_step, rank)
 
     def own_copies(self, index: Tensor) -> Tensor:
         """(B, M) bool: bank row m holds a copy of query b's own sample (same dataset index). After a refill

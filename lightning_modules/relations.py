@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from embedding_core.distances import l2_normalize
+from embedding_core.distributed import gather_ranks
 from lightning_modules.base import hparam
-from lightning_modules.heads import l2_normalize
 from lightning_modules.losses import fp32
 
 MIXES = ("cutmix", "mixup")
@@ -272,6 +273,4 @@ def weighted_sum(base: Tensor, terms: dict[str, Tensor], relations: Relations) -
 @torch.no_grad()
 def gather_rows(module, *tensors: Tensor) -> tuple[Tensor, ...]:
     """Every rank's rows, without gradient (identity on one process): a bank write sees the global batch."""
-    if module._trainer is None or module.trainer.world_size == 1:
-        return tensors
-    return tuple(module.all_gather(t).flatten(0, 1) for t in tensors)
+    return gather_ranks(module, *tensors)

@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from embedding_core.distances import euclidean
 from lightning_modules.base import EmbeddingModule, hparam
+from lightning_modules.homography import TransformRanges, sample_homographies, warp
 from lightning_modules.losses import fp32, gradient_shares
 from lightning_modules.memory import IndexedMemory
-from lightning_modules.tac_ccl import TransformRanges, sample_homographies, warp
 
 CORE_RULES = ("global", "per_cluster", "quantile")
 ORDER_REDUCTIONS = ("anchor", "batch_pairs", "sum")
@@ -49,7 +50,7 @@ NONE, AUG, SAME, OTHER = 0, 1, 2, 3  # kinds of comparison item for L_O's target
 # -- losses (pure) ---------------------------------------------------------------------------------
 def distance_gaps(anchor: Tensor, items: Tensor) -> Tensor:
     """D (B, N, N): D[a, n, m] = ‖f_a − f_n‖ − ‖f_a − f_m‖ (clamped square root: no NaN gradient at 0)."""
-    distance = (anchor[:, None, :] - items).square().sum(-1).clamp_min(1e-12).sqrt()
+    distance = euclidean(anchor[:, None, :], items)
     return distance[:, :, None] - distance[:, None, :]
 
 
@@ -262,8 +263,7 @@ class ROUL(IndexedMemory, EmbeddingModule):
     center_features: BatchNorm without affine on the pooled features (from scratch: see tac_ccl/digits.yaml).
     views_forward: `separate` runs view 0 alone and then the self-aug views, so BatchNorm, where it trains,
       normalises the MS loss's view by its own statistics as in the Baseline; `joint` is one forward over all
-      views (the same where BN is frozen). On digits from scratch (5 seeds, before the issue-22 fixes)
-      `joint` gave NMI 57.1, R@1 96.2; `separate` 61.0, 96.8; the Baseline (one view, no Φ) 62.6, 96.9.
+      views (the same where BN is frozen). Digits results of both: docs/methods/roul.md.
     seed: with global_step and rank, seeds each step's self-augmentations and anchor draw.
     """
 
@@ -347,10 +347,6 @@ class ROUL(IndexedMemory, EmbeddingModule):
         self.resize_buffers_from(checkpoint, ("memory_embedding", "memory_index", "core"))
 
     # -- training -------------------------------------------------------------------------------
-    def _generator(self) -> torch.Generator:
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 101 + rank)
-
     def roc_weight_now(self) -> float:
         """w_roc, held at 0 for the first roc_warmup_epochs epochs (Φ starts random)."""
         return 0.0 if self.current_epoch < self.roc_warmup_epochs else self.roc_weight
@@ -396,11 +392,8 @@ class ROUL(IndexedMemory, EmbeddingModule):
         return shares
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        if len(self.pseudo_labels) == 0:
-            raise RuntimeError("ROUL has no pseudo labels: add callbacks.pseudo_labels.KMeansPseudoLabels to "
-                               "trainer.callbacks (it sets them before the first epoch)")
         images, index = batch["views"][0], batch["index"]
-        labels = self.pseudo_labels[index]
+        labels = self.batch_pseudo_labels(index)
         generator = self._generator()
         views = [images]
         if self.uses_orders:

@@ -17,65 +17,15 @@ own), on the un-mixed views, once the master is on (spec §3.6).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_modules.base import hparam, lr_factor
-from lightning_modules.semi import SemiSupervised, frozen_copy, softmax_mse
+from lightning_modules.base import lr_factor
+from lightning_modules.semi import Curriculum, SemiSupervised, frozen_copy, softmax_mse
 
 MASTER_ROWS = ("labeled", "all", "none")
-
-
-@hparam
-@dataclass
-class Curriculum:
-    """Epoch layout of a Snowball run: `phase0_epochs` of the base learner (the initial model), then
-    `generations` x `iterations` iterations of `iteration_epochs` each."""
-
-    phase0_epochs: int = 0
-    iteration_epochs: int = 1
-    generations: int = 3
-    iterations: int = 3
-
-    def __post_init__(self):
-        if self.phase0_epochs < 0 or self.iteration_epochs < 1 or self.generations < 1 or self.iterations < 1:
-            raise ValueError(f"curriculum {self}: phase0_epochs >= 0 and the other counts >= 1")
-
-    @property
-    def total_epochs(self) -> int:
-        return self.phase0_epochs + self.generations * self.iterations * self.iteration_epochs
-
-    def check_run_length(self, max_epochs: int | None) -> None:
-        """A run may stop before the curriculum ends (to be resumed), never after it."""
-        total = self.total_epochs
-        if max_epochs is None or not 0 < max_epochs <= total:
-            raise ValueError(f"trainer.max_epochs is {max_epochs} but the curriculum {self} lasts "
-                             f"{total} epochs: set --trainer.max_epochs {total} or change model.init_args.curriculum")
-        if max_epochs < total:
-            rank_zero_warn(f"trainer.max_epochs {max_epochs} stops the run before the curriculum's {total} "
-                           "epochs (fine for a run to be resumed)")
-
-    def position(self, epoch: int) -> tuple[int, int] | None:
-        """(generation, iteration), both 1-based, of the iteration `epoch` belongs to; None in phase 0."""
-        if epoch < self.phase0_epochs:
-            return None
-        last = self.generations * self.iterations - 1
-        step = min((epoch - self.phase0_epochs) // self.iteration_epochs, last)
-        return step // self.iterations + 1, step % self.iterations + 1
-
-    def starts_iteration(self, epoch: int) -> bool:
-        return (self.phase0_epochs <= epoch < self.total_epochs
-                and (epoch - self.phase0_epochs) % self.iteration_epochs == 0)
-
-    def phase_epoch(self, epoch: int) -> tuple[int, int]:
-        """(epoch within its phase, the phase's length): phase 0, or the iteration it belongs to."""
-        if epoch < self.phase0_epochs:
-            return epoch, self.phase0_epochs
-        return (epoch - self.phase0_epochs) % self.iteration_epochs, self.iteration_epochs
-
 
 
 class Snowball(SemiSupervised):

@@ -28,7 +28,7 @@ import copy
 import torch
 from torch import Tensor
 
-from callbacks.features import extract_features
+from embedding_core.features import extract_features
 from lightning_modules.base import EmbeddingModule
 from lightning_modules.losses import (
     cbml_loss,

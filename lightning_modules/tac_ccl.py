@@ -29,8 +29,7 @@ logged (train/grad_share_*). Decisions and evidence: docs/methods/tac_ccl.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -39,36 +38,18 @@ from torch import Tensor, nn
 
 from lightning_modules.base import EmbeddingModule, hparam
 from lightning_modules.batchnorm import untracked_batchnorm
-from lightning_modules.losses import fp32
+from lightning_modules.homography import (
+    TransformRanges,
+    cell_centers,
+    homogeneous,
+    sample_homographies,
+    warp,
+)
+from lightning_modules.losses.clustering import contrastive_clustering_loss
+from lightning_modules.losses.common import fp32, gradient_shares
 from lightning_modules.memory import IndexedMemory
 
-HOMOGRAPHY_KINDS = ("crop", "zoom", "rotation", "perspective")
-
-
 # -- losses ----------------------------------------------------------------------------------------
-def _distances(x: Tensor, centers: Tensor) -> Tensor:
-    """Euclidean distances (B, K) with a clamped square root: cdist's backward is NaN at distance 0."""
-    squared = x.square().sum(1, keepdim=True) + centers.square().sum(1) - 2 * x @ centers.T
-    return squared.clamp_min(1e-12).sqrt()
-
-
-@fp32
-def contrastive_clustering_loss(embedding: Tensor, centers: Tensor, assigned: Tensor | None = None) -> Tensor:
-    """Eq. 4.3: mean over samples of d+/d-, the distance to the nearest centre over the distance to the
-    second nearest (the text's "d-/d+ small" contradicts the equation; the equation is minimised).
-    `assigned` (cluster ids): d+ is the distance to the sample's own centre, d- to the nearest other one.
-    Centres are constants: the gradient reaches the embedding only."""
-    if centers.shape[0] < 2:
-        raise ValueError("the contrastive clustering loss needs at least 2 cluster centres")
-    dist = _distances(embedding, centers.detach())
-    if assigned is None:
-        nearest = dist.topk(2, dim=1, largest=False).values
-        return (nearest[:, 0] / nearest[:, 1]).mean()
-    own = dist.gather(1, assigned[:, None]).squeeze(1)
-    other = dist.scatter(1, assigned[:, None], math.inf).amin(1)
-    return (own / other).mean()
-
-
 FEATURE_LOSSES = ("norm", "squared")
 
 
@@ -100,124 +81,6 @@ def attention_consistency(anchor_map: Tensor, second_map: Tensor, homography: Te
     target = torch.where(aligned[:, None, None, None], warped, source)
     valid = torch.where(aligned[:, None, None, None], valid, torch.ones_like(valid))
     return (valid * (target - second_map * second_mask).square()).sum((1, 2, 3))
-
-
-def gradient_shares(terms: dict[str, Tensor], at: Tensor) -> dict[str, Tensor]:
-    """Each term's share of the summed gradient norms at `at` (a tensor every term depends on):
-    ‖∂t_i/∂at‖ / Σ_j ‖∂t_j/∂at‖, the graph kept for the training backward. A term that does not reach
-    `at` gets 0. Shows whether a term is alive or swamped (docs/methods/tac_ccl.md)."""
-    norms = {}
-    for name, term in terms.items():
-        grad = None
-        if term.requires_grad:
-            grad = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)[0]
-        norms[name] = grad.float().norm() if grad is not None else at.new_zeros((), dtype=torch.float32)
-    total = sum(norms.values()).clamp_min(1e-30)
-    return {name: norm / total for name, norm in norms.items()}
-
-
-# -- geometry (normalised coordinates in [-1, 1], align_corners=False) --------------------------------
-def cell_centers(height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
-    """(h*w, 2) (x, y) centres of a grid's cells, row-major: the points grid_sample reads at."""
-    xs = (2 * torch.arange(width, device=device) + 1) / width - 1
-    ys = (2 * torch.arange(height, device=device) + 1) / height - 1
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([gx, gy], -1).reshape(-1, 2)
-
-
-def homogeneous(points: Tensor) -> Tensor:
-    return torch.cat([points, torch.ones_like(points[..., :1])], -1)
-
-
-def apply_homography(homography: Tensor, points: Tensor) -> Tensor:
-    """(B, n, 2) points mapped by (B, 3, 3) homographies."""
-    mapped = homogeneous(points) @ homography.transpose(1, 2)
-    return mapped[..., :2] / mapped[..., 2:]
-
-
-def warp(t: Tensor, homography: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """(warped, valid): out(p) = t(H p) on an output grid of `size`, H mapping output-frame points to
-    t's frame; valid (B, 1, h, w) marks cells whose centre lands inside t (from the grid, so a map and
-    an image warped by the same H agree). Outside is zero (the mean colour of normalised images)."""
-    h, w = size
-    points = cell_centers(h, w, t.device).expand(len(t), -1, -1)
-    grid = apply_homography(homography.to(t.device, torch.float32), points)
-    valid = (grid.abs() <= 1).all(-1).reshape(-1, 1, h, w).to(t.dtype)
-    warped = F.grid_sample(t, grid.reshape(-1, h, w, 2).to(t.dtype), mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
-    return warped, valid
-
-
-def homography_from_points(source: Tensor, target: Tensor) -> Tensor:
-    """(B, 3, 3) homographies (h33 = 1) mapping 4 source points onto 4 target points (DLT)."""
-    x, y = source.unbind(-1)
-    u, v = target.unbind(-1)
-    zero, one = torch.zeros_like(x), torch.ones_like(x)
-    rows_u = torch.stack([x, y, one, zero, zero, zero, -x * u, -y * u], -1)
-    rows_v = torch.stack([zero, zero, zero, x, y, one, -x * v, -y * v], -1)
-    h = torch.linalg.solve(torch.cat([rows_u, rows_v], 1), torch.cat([u, v], 1))
-    return torch.cat([h, torch.ones_like(h[:, :1])], 1).reshape(-1, 3, 3)
-
-
-@hparam
-@dataclass
-class TransformRanges:
-    """The family 𝒯 of self-pair transforms (§3.4 [R]; the chapter gives no ranges); one kind per pair.
-    Each maps second-view points to anchor points: crop = a square sub-window of side crop_scale,
-    zoom about the centre (log-uniform), rotation of ±rotation_degrees, perspective = each corner moved by
-    up to perspective_shift (normalised units; 8 parameters, the chapter's "6" being an affine)."""
-
-    kinds: list[str] = field(default_factory=lambda: list(HOMOGRAPHY_KINDS))
-    crop_scale: tuple[float, float] = (0.6, 1.0)
-    zoom: tuple[float, float] = (0.75, 1.33)
-    rotation_degrees: float = 30.0
-    perspective_shift: float = 0.2
-
-
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator)
-
-
-def _crop(n: int, ranges: TransformRanges, generator: torch.Generator) -> Tensor:
-    s = _uniform(n, *ranges.crop_scale, generator)
-    tx, ty = ((1 - s) * _uniform(n, -1.0, 1.0, generator) for _ in range(2))
-    h = torch.eye(3).repeat(n, 1, 1)
-    h[:, 0, 0], h[:, 1, 1], h[:, 0, 2], h[:, 1, 2] = s, s, tx, ty
-    return h
-
-
-def _zoom(n: int, ranges: TransformRanges, generator: torch.Generator) -> Tensor:
-    z = _uniform(n, *(math.log(v) for v in ranges.zoom), generator).exp()
-    h = torch.eye(3).repeat(n, 1, 1)
-    h[:, 0, 0], h[:, 1, 1] = 1 / z, 1 / z
-    return h
-
-
-def _rotation(n: int, ranges: TransformRanges, generator: torch.Generator) -> Tensor:
-    theta = torch.deg2rad(_uniform(n, -ranges.rotation_degrees, ranges.rotation_degrees, generator))
-    h = torch.eye(3).repeat(n, 1, 1)
-    h[:, 0, 0], h[:, 0, 1], h[:, 1, 0], h[:, 1, 1] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
-    return h
-
-
-def _perspective(n: int, ranges: TransformRanges, generator: torch.Generator) -> Tensor:
-    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]).expand(n, 4, 2)
-    shift = ranges.perspective_shift * (2 * torch.rand(n, 4, 2, generator=generator) - 1)
-    return homography_from_points(corners, corners + shift)
-
-
-_SAMPLERS: dict[str, Callable[[int, TransformRanges, torch.Generator], Tensor]] = {
-    "crop": _crop, "zoom": _zoom, "rotation": _rotation, "perspective": _perspective}
-
-
-def sample_homographies(n: int, ranges: TransformRanges, generator: torch.Generator) -> Tensor:
-    """(n, 3, 3) CPU homographies, the kind drawn uniformly per pair from `ranges.kinds`."""
-    unknown = set(ranges.kinds) - set(HOMOGRAPHY_KINDS)
-    if unknown or not ranges.kinds:
-        raise ValueError(f"transforms.kinds {ranges.kinds}: choose from {HOMOGRAPHY_KINDS}")
-    kind = torch.randint(len(ranges.kinds), (n,), generator=generator)
-    every = torch.stack([_SAMPLERS[k](n, ranges, generator) for k in ranges.kinds])
-    return every[kind, torch.arange(n)]
 
 
 @fp32
@@ -514,10 +377,6 @@ class TACCCL(IndexedMemory, EmbeddingModule):
         offline = self.cross.matching == "offline" and self.two_views
         return self.cross.probability if offline else 0.0
 
-    def _generator(self) -> torch.Generator:
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 101 + rank)
-
     def second_view(self, images: Tensor, labels: Tensor, index: Tensor, generator: torch.Generator,
                     offline: dict | None = None) -> SecondView:
         """Self pairs: the anchor warped by a sampled T. Cross pairs: the batch's offline pairs where it
@@ -582,11 +441,8 @@ class TACCCL(IndexedMemory, EmbeddingModule):
                 "tac_cross": (per_pair * view.cross).sum() / len(per_pair)}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        if len(self.pseudo_labels) == 0:
-            raise RuntimeError("TACCCL has no pseudo labels: add callbacks.pseudo_labels.KMeansPseudoLabels "
-                               "to trainer.callbacks (it sets them before the first epoch)")
         images, index = batch["views"][0], batch["index"]
-        labels = self.pseudo_labels[index]
+        labels = self.batch_pseudo_labels(index)
         two_views = self.two_views
         offline = {k: v for k, v in batch.items() if k.startswith("cross")} or None
         if offline is not None:  # offline pairs: a cross item's anchor is its own keypoint crop

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from embedding_core.distances import l2_normalize
 from lightning_modules.base import EmbeddingModule
-from lightning_modules.heads import GaussianHead, l2_normalize
-from lightning_modules.isif import isif_loss
-from lightning_modules.losses import fp32
+from lightning_modules.heads import GaussianHead
+from lightning_modules.losses.common import fp32, gradient_shares
+from lightning_modules.losses.instance import isif_loss
 
 SOFTMAX_MODES = ("literal", "symmetric", "isif_2n")
 RANKING_POOLS = ("both_views", "single_view_literal")
@@ -168,16 +169,12 @@ def ranking_loss(z1: torch.Tensor, z2: torch.Tensor, bins: int = 20, pool: str =
     return 1.0 - ap.mean()
 
 
-def gradient_shares(weighted: dict[str, torch.Tensor], mu: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{"share_<term>"}: each weighted term's gradient norm on μ over the sum of the three norms. Backward
-    from the losses to μ only (not through the trunk). The balance to watch: λ_N L_N pulls
-    the two views' μ together with weight λ_N / (D σ²), so its share grows as σ² shrinks, and above L_S's it
-    collapses μ (docs/methods/umm.md)."""
-    norms = {name: torch.autograd.grad(term, mu, retain_graph=True, allow_unused=True)[0] for name, term
-             in weighted.items()}
-    norms = {name: g.norm() if g is not None else mu.new_zeros(()) for name, g in norms.items()}
-    total = sum(norms.values()).clamp_min(1e-12)
-    return {f"share_{name}": (norm / total).detach() for name, norm in norms.items()}
+def mu_gradient_shares(weighted: dict[str, torch.Tensor], mu: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"share_<term>"}: each weighted term's gradient norm on μ over the sum of the three norms
+    (`losses.common.gradient_shares`). Backward from the losses to μ only (not through the trunk). The
+    balance to watch: λ_N L_N pulls the two views' μ together with weight λ_N / (D σ²), so its share grows as
+    σ² shrinks, and above L_S's it collapses μ (docs/methods/umm.md)."""
+    return {f"share_{name}": share.detach() for name, share in gradient_shares(weighted, mu).items()}
 
 
 class UMM(EmbeddingModule):
@@ -241,7 +238,7 @@ class UMM(EmbeddingModule):
         loss = set_softmax + self.lambda_n * consistency + self.lambda_r * ranking
         terms = {"loss": loss, "set_softmax": set_softmax, "consistency": consistency, "ranking": ranking}
         if shares and torch.is_grad_enabled() and mu.requires_grad:
-            terms.update(gradient_shares({"set_softmax": set_softmax, "consistency": self.lambda_n * consistency,
+            terms.update(mu_gradient_shares({"set_softmax": set_softmax, "consistency": self.lambda_n * consistency,
                                           "ranking": self.lambda_r * ranking}, mu))
         return terms, mu, logvar, z1
 

@@ -17,3 +17,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def isif_digits_run(tmp_path_factory):
+    """ISIF on digits at its test budget, logged to an offline W&B run: tests/test_isif_train.py's learning
+    check and tests/test_train.py's W&B checks read this one run (it is the same command for both)."""
+    from tests.learning import digits_run
+
+    return digits_run(tmp_path_factory.mktemp("isif") / "run", "isif", logger="wandb")

@@ -11,9 +11,10 @@ from torch import nn
 
 from datamodules.base import EmbeddingDataModule, Records
 from datamodules.digits import DigitsDataModule
+from embedding_core.distances import l2_normalize
 from lightning_modules.backbones import build_backbone, freeze_batchnorm
 from lightning_modules.base import EmbeddingModule, Optim
-from lightning_modules.heads import EmbeddingHead, l2_normalize
+from lightning_modules.heads import EmbeddingHead
 from lightning_modules.isif import ISIF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision documents for its ImageNet weights

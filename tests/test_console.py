@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from callbacks import metrics
+from embedding_core import metrics
 from experiments import evaluate
 from experiments.console import headline, show_progress_bar
 from experiments.train import RUN_DIR_ENV, main

@@ -400,8 +400,7 @@ def test_download_fetches_missing_archives_with_torchvision(tmp_path, monkeypatc
         Path(root).mkdir(parents=True, exist_ok=True)  # as torchvision's download_url does
         shutil.copy(tmp_path / "svhn-source" / filename, Path(root) / filename)
 
-    monkeypatch.setattr("datamodules.cifar.download_and_extract_archive", fake_archive)
-    monkeypatch.setattr("datamodules.stl10.download_and_extract_archive", fake_archive)
+    monkeypatch.setattr("datamodules.base.download_and_extract_archive", fake_archive)  # CIFAR's and STL-10's
     monkeypatch.setattr("datamodules.svhn.download_url", fake_file)
     setup(CIFAR10DataModule(root=str(tmp_path / "c"), download=True, allow_partial=True))
     setup(STL10DataModule(root=str(tmp_path / "s"), download=True, allow_partial=True))

@@ -18,7 +18,7 @@ from scipy.stats import ks_2samp
 from sklearn.datasets import load_digits
 from torchvision import transforms as T
 
-from datamodules.base import load_image, sample_seed
+from datamodules.base import load_image
 from datamodules.device_augment import (
     Blur,
     ColorJitter,
@@ -33,6 +33,7 @@ from datamodules.device_augment import (
 )
 from datamodules.digits import DigitsDataModule
 from datamodules.transforms import build_transform
+from embedding_core.seeds import sample_seed
 from tests.host_syncs import HostSyncs
 
 N = 1_000  # images a side in the distribution checks

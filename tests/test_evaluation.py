@@ -3,9 +3,10 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import metrics
-from callbacks.evaluation import EmbeddingEvaluator, deduplicate
+from callbacks.evaluation import EmbeddingEvaluator
 from datamodules.digits import DigitsDataModule
+from embedding_core import metrics
+from embedding_core.distributed import deduplicate
 from lightning_modules.isif import ISIF
 
 

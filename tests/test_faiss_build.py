@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from callbacks import faiss_build, search
 from callbacks.evaluation import EmbeddingEvaluator
 from callbacks.pseudo_labels import KMeansPseudoLabels
+from embedding_core import faiss_build, search
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from experiments.train import RUN_DIR_ENV, SuiteCLI
 from lightning_modules.base import NonFiniteLoss, ema_update
-from lightning_modules.losses import _multi_similarity, multi_similarity_loss
+from lightning_modules.losses import multi_similarity_loss
 from lightning_modules.relations import first_of_repeats, momentum_update
 from lightning_modules.roul import others
 from tests.host_syncs import HostSyncs
@@ -114,22 +114,23 @@ def test_roul_s_other_positions_are_the_off_diagonal_ones():
     assert torch.equal(others(6), every[~torch.eye(6, dtype=torch.bool)].view(6, 5))
 
 
-def test_the_ms_loss_mines_the_library_miner_s_pairs():
-    """multi_similarity_loss takes the miner's rule on masks (ms_mined_pairs); the loss equals the one on
-    pytorch-metric-learning's MultiSimilarityMiner pairs, on a batch and against a memory."""
-    losses, miners = _multi_similarity()
+def test_the_ms_loss_equals_the_library_s_miner_and_loss():
+    """multi_similarity_loss (the miner's rule and the loss on masks) equals pytorch-metric-learning's public
+    MultiSimilarityMiner + MultiSimilarityLoss, value and gradient, on a batch and against a memory."""
+    from pytorch_metric_learning import losses, miners
+
     generator = torch.Generator().manual_seed(0)
     query = torch.nn.functional.normalize(torch.randn(16, 8, generator=generator), dim=1)
     labels = torch.randint(0, 4, (16,), generator=generator)
     memory = torch.nn.functional.normalize(torch.randn(24, 8, generator=generator), dim=1)
     memory_labels = torch.randint(0, 4, (24,), generator=generator)
     for keys, key_labels in ((None, None), (memory, memory_labels)):
-        loss = losses.MultiSimilarityLoss(alpha=2.0, beta=40.0, base=0.5)
-        sim = loss.distance(query, query if keys is None else keys)
-        mined = miners.MultiSimilarityMiner(epsilon=0.1)(query, labels, keys, key_labels)
-        positive, negative = torch.zeros_like(sim), torch.zeros_like(sim)
-        positive[mined[0], mined[1]], negative[mined[2], mined[3]] = 1, 1
-        expected = loss._compute_loss(sim, positive, negative)["loss"]["losses"].mean()
-        got = multi_similarity_loss(query, labels, keys, key_labels, alpha=2.0, beta=40.0)
-        assert positive.sum() > 0 and negative.sum() > 0
+        ours, theirs = query.clone().requires_grad_(), query.clone().requires_grad_()
+        mined = miners.MultiSimilarityMiner(epsilon=0.1)(theirs, labels, keys, key_labels)
+        expected = losses.MultiSimilarityLoss(alpha=2.0, beta=40.0, base=0.5)(theirs, labels, mined, keys, key_labels)
+        got = multi_similarity_loss(ours, labels, keys, key_labels, alpha=2.0, beta=40.0)
+        assert len(mined[0]) > 1 and len(mined[2]) > 1
         torch.testing.assert_close(got, expected)
+        got.backward()
+        expected.backward()
+        torch.testing.assert_close(ours.grad, theirs.grad)

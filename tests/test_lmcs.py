@@ -20,14 +20,12 @@ from callbacks.sample_discovery import (
     rank_weighted_vote,
 )
 from datamodules.digits import DigitsDataModule
-from experiments.seeds import ONE_STEP, TEST_BUDGET
-from experiments.train import RUN_DIR_ENV, main
 from lightning_modules.batchnorm import untracked_batchnorm
-from lightning_modules.lmcs import LMCS, VERSIONS, compose, discriminative_power
-from lightning_modules.semi import SemiSupervised
-from lightning_modules.snowball import Curriculum
+from lightning_modules.lmcs import LMCS, VERSIONS, compose
+from lightning_modules.losses.clustering import discriminative_power
+from lightning_modules.semi import Curriculum, SemiSupervised
+from tests.learning import assert_gains, digits_run, one_step_run
 
-CONFIGS = "experiments/configs"
 # one intra-op thread for speed only (two spinning OpenMP threads on the 2-core CI machine are ~10x slower);
 # it changes the floating-point summation order, not what the checks assert (docs/methods/lmcs.md)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -207,26 +205,17 @@ def test_lookahead_the_master_sees_each_generation_one_generation_before_the_stu
     assert json.loads(Path(tmp_path, "discovery.json").read_text())[1]["labeled"] == 20 + 40 + 40
 
 
-def lmcs_digits_run(run: Path, *extra: str) -> dict:
-    main(["fit", "--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/datasets/digits.yaml",
-          "--config", f"{CONFIGS}/lmcs/digits.yaml", "--run.dir", str(run), "--run.logger=csv",
-          "--trainer.enable_progress_bar=false", *TEST_BUDGET["lmcs"], *extra])
-    return json.loads((run / "final_metrics.json").read_text())["final"]
-
-
-def test_lmcs_digits_cli_lowers_the_error_and_reports_discovery_errors(tmp_path, monkeypatch):
+def test_lmcs_digits_cli_lowers_the_error_and_reports_discovery_errors(tmp_path):
     """Against the network after one training step (its BN statistics and head already moved: the EMA
     student's error is 44-59 % there, not the random init's 90-94 %), on the same seed."""
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     run = tmp_path / "run"
-    final = lmcs_digits_run(run)
-    one_step = lmcs_digits_run(tmp_path / "one_step", *ONE_STEP)
+    final = digits_run(run, "lmcs")["final"]
+    one_step = one_step_run(tmp_path / "one_step", "lmcs")["final"]
     assert set(final) == {"val/error", "val/error_student", "val/error_teacher", "val/error_master"}
     # `python -m experiments.seeds --methods lmcs --budget test [--extra <ONE_STEP>]`, seeds 0-4 (labels and
     # init): after one step the EMA student errs 43.6-59.2 % and the master 83.3-96.9 %; at the end 15.3-30.6 %
     # and 8.9-14.2 %; worst gain over one step on the same seed 25.3 and 70.5 points
-    assert final["val/error"] < one_step["val/error"] - 15
-    assert final["val/error_master"] < one_step["val/error_master"] - 50
+    assert_gains(final, one_step, {"val/error": 15, "val/error_master": 50})
     history = json.loads(Path(run, "discovery.json").read_text())
     assert len(history) == 2 and all(h["error"] is not None for h in history)
     assert 0 < history[0]["count"] <= 50 and 0 < history[1]["count"] <= 100  # N doubles; <= N / C per class

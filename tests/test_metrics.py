@@ -1,4 +1,4 @@
-"""Metric math (callbacks.metrics) on cases computed by hand."""
+"""Metric math (embedding_core.metrics) on cases computed by hand."""
 
 import functools
 import itertools
@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from callbacks import metrics, search
+from embedding_core import metrics, search
 
 T = torch.tensor
 

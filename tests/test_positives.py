@@ -7,7 +7,7 @@ from callbacks.positives import NearestNeighbourPositives, draw_partners
 from datamodules.base import MultiViewDataset, Records
 from datamodules.digits import DigitsDataModule
 from datamodules.transforms import build_transform
-from lightning_modules.heads import l2_normalize
+from embedding_core.distances import l2_normalize
 from lightning_modules.isif import ISIF
 
 

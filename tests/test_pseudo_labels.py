@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from callbacks import pseudo_labels
-from callbacks.pseudo_labels import KMeansPseudoLabels, cluster_centers, cluster_statistics, pair_precision
+from callbacks.pseudo_labels import KMeansPseudoLabels, cluster_statistics, pair_precision
 from datamodules.digits import DigitsDataModule
+from embedding_core.clusters import cluster_centers
 from experiments.train import last_checkpoint
 from lightning_modules.tac_ccl import TACCCL
 

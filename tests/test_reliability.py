@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from callbacks import metrics
 from callbacks.cross_pairs import PairTable, cache_key
 from callbacks.evaluation import EmbeddingEvaluator
 from datamodules.base import load_image
 from datamodules.digits import DigitsDataModule
 from datamodules.folder import ClassFolderWarning, class_folders, scan_class_folders
+from embedding_core import metrics
 from experiments.train import RUN_DIR_ENV, AtomicCheckpointIO, FiniteWeightsOnly, last_checkpoint, main
 from lightning_modules.isif import ISIF
 from tests.fixtures import write_jpeg

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from callbacks import metrics
 from callbacks.evaluation import EmbeddingEvaluator
 from callbacks.refine import (
     adjacent_swap_descent,
@@ -17,6 +16,7 @@ from callbacks.refine import (
     refined_recall_at_k,
     swap_pass,
 )
+from embedding_core import metrics
 
 
 def orders_from_scores(scores: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,8 @@
 """The CLI end to end with ROUL on digits from a random init (unseen split: train digits 0-4, test 5-9), at the
 test budget `experiments.seeds.TEST_BUDGET["roul"]`: it must end above the network after one training step, and
 report Recall@K both without and with the test-time refinement."""
-import json
-import math
-from pathlib import Path
+from tests.learning import assert_finite, assert_gains, assert_logged, digits_run, one_step_run
 
-from experiments.seeds import ONE_STEP, TEST_BUDGET, steps_run
-from experiments.train import RUN_DIR_ENV, main
-
-CONFIGS = "experiments/configs"
 # The floor is the network after one training step (issue 22: one step of metric learning already lifts NMI
 # far above the random init), not the random init. `python -m experiments.seeds --methods roul --budget test`
 # (final) and the same with `--extra --trainer.max_epochs=1 --trainer.limit_train_batches=0.1
@@ -20,29 +14,17 @@ CONFIGS = "experiments/configs"
 NMI_GAIN = 10.0
 
 
-def run(tmp_path, name: str, *extra: str) -> tuple[Path, dict]:
-    run_dir = tmp_path / name
-    main(["fit", "--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/datasets/digits.yaml",
-          "--config", f"{CONFIGS}/roul/digits.yaml", "--run.dir", str(run_dir), "--run.logger=csv",
-          "--trainer.enable_progress_bar=false", *TEST_BUDGET["roul"], *extra])
-    return run_dir, json.loads(Path(run_dir, "final_metrics.json").read_text())
-
-
-def test_roul_digits_config_learns_and_reports_refined_recall(tmp_path, monkeypatch):
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-    run_dir, metrics = run(tmp_path, "run")
-    one_step_dir, one_step = run(tmp_path, "one_step", *ONE_STEP)
-    assert steps_run(one_step_dir) == 1
-    initial, final = metrics["initial"], metrics["final"]
+def test_roul_digits_config_learns_and_reports_refined_recall(tmp_path):
+    metrics = digits_run(tmp_path / "run", "roul")
+    one_step = one_step_run(tmp_path / "one_step", "roul")
+    run_dir, initial, final = metrics["dir"], metrics["initial"], metrics["final"]
     for k in (1, 2, 4, 8):
         assert {f"val/recall@{k}", f"val/recall@{k}_refined"} <= set(final) & set(initial)
-    assert all(math.isfinite(v) for v in final.values())
-    assert final["val/nmi"] > one_step["final"]["val/nmi"] + NMI_GAIN
+    assert_finite(final)
+    assert_gains(final, one_step["final"], {"val/nmi": NMI_GAIN})
     config = (run_dir / "config.yaml").read_text()
     assert "lightning_modules.roul.ROUL" in config and "callbacks.pseudo_labels.KMeansPseudoLabels" in config
-    logged = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
-    for term in ("train/ms_memory", "train/mv", "train/roc", "train/moc", "train/order", "train/grad_share/roc",
-                 "train/grad_share/moc", "train/grad_share/ms_memory", "train/grad_share/mv",
-                 "train/order_accuracy", "train/core_literal_fraction", "train/core_fallback_clusters",
-                 "train/embedding_std", "pseudo_labels/pair_precision"):
-        assert term in logged, term
+    assert_logged(run_dir, ("train/ms_memory", "train/mv", "train/roc", "train/moc", "train/order",
+                            "train/grad_share/roc", "train/grad_share/moc", "train/grad_share/ms_memory",
+                            "train/grad_share/mv", "train/order_accuracy", "train/core_literal_fraction",
+                            "train/core_fallback_clusters", "train/embedding_std", "pseudo_labels/pair_precision"))

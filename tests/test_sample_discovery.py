@@ -12,13 +12,13 @@ import torch
 from callbacks.evaluation import ClassificationEvaluator
 from callbacks.sample_discovery import (
     ConfidentSampleDiscovery,
-    class_centers,
     fused_scores,
     select,
     select_per_class,
 )
 from datamodules.digits import DigitsDataModule
 from datamodules.folder import FolderDataModule
+from embedding_core.clusters import cluster_centers
 from experiments.train import last_checkpoint
 from lightning_modules.snowball import Curriculum, Snowball
 from tests.fixtures import write_jpeg
@@ -33,7 +33,7 @@ CANDIDATES = torch.tensor([4, 5, 6, 7, 8])
 
 
 def test_nearest_centre_labels_and_distances_on_a_hand_built_case():
-    centers = class_centers(FEATURES[REFERENCE], REFERENCE_LABELS, 3)
+    centers = cluster_centers(FEATURES[REFERENCE], REFERENCE_LABELS, 3)
     assert centers[:2].tolist() == [[0.0, 1.0], [10.0, 1.0]] and centers[2].isnan().all()  # class 2: no labels
     labels, scores = fused_scores([FEATURES], REFERENCE, REFERENCE_LABELS, CANDIDATES, num_classes=3)
     assert labels.tolist() == [0, 1, 1, 0, 1]

@@ -1,16 +1,10 @@
 """The CLI end to end with SAN on digits from a random init (`make train METHOD=san [VARIANT=unsupervised]`,
 seen split), at the shortened budget of `experiments.seeds.TEST_BUDGET`: each run must end above the same
 network after one training step, log every SAN term and report the assembly's share of moved points."""
-import json
-import math
-from pathlib import Path
-
 import pytest
 
-from experiments.seeds import ONE_STEP, TEST_BUDGET, steps_run
-from experiments.train import RUN_DIR_ENV, main
+from tests.learning import assert_finite, assert_gains, assert_logged, digits_run, one_step_run
 
-CONFIGS = "experiments/configs"
 # The floor is the network after one training step, not the random init (issue 22): `python -m experiments.seeds
 # --methods san san_unsupervised --budget test` (final) and the same with `--extra --trainer.max_epochs=1
 # --trainer.limit_train_batches=0.1 --trainer.check_val_every_n_epoch=1` (one step), seeds 0-4, OMP_NUM_THREADS=1:
@@ -20,33 +14,20 @@ CONFIGS = "experiments/configs"
 # Against the Baseline without SAN: not asserted; on digits the assembly stays at its identity start
 # (val/san_moved 0 on every seed; docs/methods/san.md), so the two rows are the same network up to noise.
 MARGINS = {"san": {"val/knn_top1": 5.0, "val/nmi": 8.0}, "san_unsupervised": {"val/nmi": 5.0}}
-VARIANTS = {"san": "digits", "san_unsupervised": "digits-unsupervised"}
+VARIANTS = {"san": "san/digits", "san_unsupervised": "san/digits-unsupervised"}
 SAN_TERMS = ("train/san_entropy", "train/san_correlation", "train/san_coherence", "train/san_loss",
              "train/san_diagonal", "train/san_moved", "train/san_beta", "train/ms", "train/memory",
              "train/embedding_std")
 
 
-def run(tmp_path, method: str, name: str, *extra: str) -> tuple[Path, dict]:
-    run_dir = tmp_path / name
-    main(["fit", "--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/datasets/digits.yaml",
-          "--config", f"{CONFIGS}/san/{VARIANTS[method]}.yaml", "--run.dir", str(run_dir), "--run.logger=csv",
-          "--trainer.enable_progress_bar=false", *TEST_BUDGET[method], *extra])
-    return run_dir, json.loads(Path(run_dir, "final_metrics.json").read_text())
-
-
 @pytest.mark.parametrize("method", sorted(VARIANTS))
-def test_san_digits_config_learns_beyond_one_step(tmp_path, monkeypatch, method):
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-    run_dir, metrics = run(tmp_path, method, "run")
-    one_step_dir, one_step = run(tmp_path, method, "one_step", *ONE_STEP)
-    assert steps_run(one_step_dir) == 1
-    final = metrics["final"]
-    assert all(math.isfinite(v) for v in final.values())
-    for metric, margin in MARGINS[method].items():
-        assert final[metric] > one_step["final"][metric] + margin, metric
+def test_san_digits_config_learns_beyond_one_step(tmp_path, method):
+    metrics = digits_run(tmp_path / "run", method, config=VARIANTS[method])
+    one_step = one_step_run(tmp_path / "one_step", method, config=VARIANTS[method])
+    run_dir, final = metrics["dir"], metrics["final"]
+    assert_finite(final)
+    assert_gains(final, one_step["final"], MARGINS[method])
     assert 0.0 <= final["val/san_moved"] <= 1.0 and metrics["initial"]["val/san_moved"] == 0.0
-    logged = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
-    for term in SAN_TERMS:
-        assert term in logged, term
+    assert_logged(run_dir, SAN_TERMS)
     if method == "san_unsupervised":
-        assert "pseudo_labels/nmi" in logged
+        assert_logged(run_dir, ("pseudo_labels/nmi",))

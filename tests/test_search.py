@@ -1,11 +1,11 @@
-"""Exact top-k search and k-means (callbacks.search): both backends, hand-made cases."""
+"""Exact top-k search and k-means (embedding_core.search): both backends, hand-made cases."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks import search
-from callbacks.metrics import nmi_from_labels
+from embedding_core import search
+from embedding_core.metrics import nmi_from_labels
 
 BACKENDS = ["faiss", "torch"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from datamodules.digits import DigitsDataModule
-from experiments.seeds import ONE_STEP, TEST_BUDGET
-from experiments.train import RUN_DIR_ENV, SuiteCLI, main
+from experiments.train import RUN_DIR_ENV, SuiteCLI
+from tests.learning import assert_gains, digits_run, one_step_run
 
 CONFIGS = "experiments/configs"
 
@@ -17,25 +17,17 @@ CONFIGS = "experiments/configs"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def snowball_digits_run(run: Path, *extra: str) -> dict:
-    main(["fit", "--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/datasets/digits.yaml",
-          "--config", f"{CONFIGS}/snowball/digits.yaml", "--run.dir", str(run), "--run.logger=csv",
-          "--trainer.enable_progress_bar=false", *TEST_BUDGET["snowball"], *extra])
-    return json.loads((run / "final_metrics.json").read_text())["final"]
-
-
-def test_snowball_digits_cli_lowers_the_error(tmp_path, monkeypatch):
+def test_snowball_digits_cli_lowers_the_error(tmp_path):
     """Against the network after one training step on the same seed (80-90 % error there: the BN statistics
     and the head have moved), not the raw random init."""
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     run = tmp_path / "run"
-    final = snowball_digits_run(run)
-    one_step = snowball_digits_run(tmp_path / "one_step", *ONE_STEP)
+    final = digits_run(run, "snowball")["final"]
+    one_step = one_step_run(tmp_path / "one_step", "snowball")["final"]
     assert set(final) == {"val/error", "val/error_student", "val/error_teacher", "val/error_master"}
     assert final["val/error"] == final["val/error_teacher"]
     # `python -m experiments.seeds --methods snowball --budget test [--extra <ONE_STEP>]`, seeds 0-4 (labels and
     # init): after one step 77.8-90.0 %, at the end 23.9-67.8 %; worst gain over one step 22.2 points
-    assert final["val/error"] < one_step["val/error"] - 10
+    assert_gains(final, one_step, {"val/error": 10})
     (discovery,) = json.loads(Path(run, "discovery.json").read_text())
     assert (discovery["generation"], discovery["iteration"], discovery["count"]) == (1, 1, 50)
 

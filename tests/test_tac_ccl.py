@@ -11,24 +11,26 @@ from torch import nn
 from callbacks.pseudo_labels import KMeansPseudoLabels
 from datamodules.base import EmbeddingDataModule, Records
 from lightning_modules.backbones import build_backbone
-from lightning_modules.losses import multi_similarity_loss
+from lightning_modules.homography import (
+    TransformRanges,
+    apply_homography,
+    cell_centers,
+    homography_from_points,
+    sample_homographies,
+    warp,
+)
+from lightning_modules.losses.clustering import contrastive_clustering_loss
+from lightning_modules.losses.pairs import multi_similarity_loss
 from lightning_modules.tac_ccl import (
     TACCCL,
     CrossPairs,
     SecondView,
-    TransformRanges,
-    apply_homography,
     attention_consistency,
-    cell_centers,
-    contrastive_clustering_loss,
     feature_similarity_loss,
     gradient_shares,
-    homography_from_points,
     keypoint_mask,
     match_in_batch,
     ransac_affine,
-    sample_homographies,
-    warp,
 )
 
 

@@ -12,7 +12,6 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.digits import DigitsDataModule
-from experiments.seeds import TEST_BUDGET
 from experiments.train import (
     RUN_DIR_ENV,
     WANDB_ID_FILE,
@@ -49,17 +48,16 @@ def written(offline_run: Path, timeout: float = 60) -> Path:
     raise AssertionError(f"{offline_run}: no exit record after {timeout} s")
 
 
-def test_training_beats_random_init_and_writes_an_offline_wandb_run(tmp_path, monkeypatch):
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-    metrics = train(tmp_path / "run", *TEST_BUDGET["isif"], "--run.logger=wandb")
-    initial, final = metrics["initial"], metrics["final"]
+def test_training_beats_random_init_and_writes_an_offline_wandb_run(isif_digits_run):
+    run_dir = isif_digits_run["dir"]  # TEST_BUDGET["isif"], --run.logger=wandb (tests/conftest.py)
+    initial, final = isif_digits_run["initial"], isif_digits_run["final"]
     # `python -m experiments.seeds --methods isif --budget test`, seeds 0-4 at 1 and 2 threads: worst gains
     # kNN top-1 +21.1, NMI +23.0 (R@1 starts at 77-87 and gains only +6: too little headroom to assert on)
     assert final["val/knn_top1"] > initial["val/knn_top1"] + 10
     assert final["val/nmi"] > initial["val/nmi"] + 10
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
-    assert "class_path: lightning_modules.isif.ISIF" in (tmp_path / "run" / "config.yaml").read_text()
-    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "class_path: lightning_modules.isif.ISIF" in (run_dir / "config.yaml").read_text()
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     summary = wandb_summary(written(runs[0]))
     for name, value in final.items():

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.nn.functional import all_gather
 
-from lightning_modules.heads import l2_normalize
+from embedding_core.distances import l2_normalize
 from lightning_modules.umm import ranking_loss, set_softmax_loss
 
 WORLD, N, K, D = 2, 6, 3, 8  # N instances per rank

@@ -9,7 +9,8 @@ import yaml
 from torch.distributions import Independent, Normal, kl_divergence
 
 from datamodules.digits import DigitsDataModule
-from lightning_modules.heads import GaussianHead, l2_normalize
+from embedding_core.distances import l2_normalize
+from lightning_modules.heads import GaussianHead
 from lightning_modules.umm import (
     UMM,
     distribution_consistency_loss,

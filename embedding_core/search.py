@@ -47,7 +47,7 @@ def resolve_backend(backend: Backend) -> Literal["faiss", "torch"]:
     """Turn ``"auto"`` into a concrete backend and fail early when faiss is asked for but missing.
     ``"faiss-gpu"``: faiss, refused unless its GPU build is installed (never a silent CPU fallback)."""
     if backend == "faiss-gpu":
-        from callbacks.faiss_build import require_gpu_build
+        from embedding_core.faiss_build import require_gpu_build
 
         require_gpu_build(load_faiss(), "backend='faiss-gpu' (GPU search and k-means)")
         return "faiss"
@@ -104,7 +104,7 @@ def _warn_cpu_build(faiss: ModuleType) -> None:
     """Once per process: GPU data searched by faiss's CPU build (backend 'faiss-gpu' refuses this instead)."""
     import warnings
 
-    from callbacks.faiss_build import GPU_INSTALL, describe
+    from embedding_core.faiss_build import GPU_INSTALL, describe
 
     warnings.warn(f"data on the GPU but {describe(faiss)}: faiss searches and clusters on the CPU; for the GPU "
                   f"install `{GPU_INSTALL}`", stacklevel=3)

@@ -2,7 +2,7 @@
 
 All three metrics are reported in percent (0..100), NMI included (NMI x 100, as the DML tables
 print it). Embeddings are expected L2-normalised, so inner product = cosine similarity. The
-conventions follow specs/datasets-and-metrics.md section 3.
+conventions are the deep-metric-learning papers' (README.md, Metrics).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 from torch import Tensor
 
-from callbacks.search import Backend, block_rows, kmeans, tile_shape, topk_search
+from embedding_core.search import Backend, block_rows, kmeans, tile_shape, topk_search
 
 
 def check_finite(name: str, emb: Tensor) -> None:

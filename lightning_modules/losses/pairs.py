@@ -1,38 +1,17 @@
-"""Loss pieces shared by several methods (pure: tensors in, tensors out)."""
+"""Pair- and proxy-based metric losses (pure: tensors in, tensors out): Multi-Similarity with its miner, CBML,
+XBM's contrastive memory loss, Proxy-Anchor; pytorch-metric-learning does the arithmetic where it can."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-LOG_ONE_MINUS_EPS = math.log1p(-1e-6)  # clamp P <= 1 - 1e-6 before log(1 - P)
+from lightning_modules.losses.common import fp32
 
 
-def fp32(loss_fn):
-    """Run a loss in fp32 with autocast off: logits of 1/tau = 10 or beta = 40 overflow half precision."""
-
-    @functools.wraps(loss_fn)
-    def wrapper(*args, **kwargs):
-        args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-        device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
-        with torch.autocast(device_type=device, enabled=False):
-            return loss_fn(*args, **kwargs)
-
-    return wrapper
-
-
-def log1mexp(logp: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(logp)) for logp <= 0, accurate at both ends (Maechler 2012); P clamped below 1."""
-    logp = logp.clamp(max=LOG_ONE_MINUS_EPS)
-    return torch.where(logp > -math.log(2), torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
-
-
-def _multi_similarity():
-    """pytorch-metric-learning's MS loss and miner, imported on first use (the import costs a second)."""
-    from pytorch_metric_learning import losses, miners
-
-    return losses, miners
+def _log_one_plus_sum_exp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log(1 + Σ_{j in mask} e^{x_j}) per row, 0 for a row without pairs (finite, gradients included)."""
+    return torch.cat([x.masked_fill(~mask, -math.inf), x.new_zeros(len(x), 1)], 1).logsumexp(1)
 
 
 @fp32
@@ -40,31 +19,36 @@ def multi_similarity_loss(query: torch.Tensor, query_labels: torch.Tensor, keys:
                           key_labels: torch.Tensor | None = None, alpha: float = 2.0, beta: float = 40.0,
                           threshold: float = 0.5, margin: float = 0.1,
                           exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-Similarity loss with its hard mining (Wang et al. 2019): pytorch-metric-learning's
-    `MultiSimilarityMiner(epsilon=margin)` and `MultiSimilarityLoss(alpha, beta, base=threshold)`, mean over
-    the B queries (an anchor the miner leaves without pairs counts as 0, as in the MS code).
+    """Multi-Similarity loss with its hard mining (Wang et al. 2019), mean over the B queries of
+
+      (1/α) log(1 + Σ_{P̂_i} e^{−α(s − λ)}) + (1/β) log(1 + Σ_{N̂_i} e^{β(s − λ)}),  s cosine, λ = threshold,
+
+    on the pairs `ms_mined_pairs` keeps (the miner's rule, ε = margin); an anchor left without pairs counts 0.
+    Equal to pytorch-metric-learning's `MultiSimilarityMiner(epsilon=margin)` + `MultiSimilarityLoss(alpha,
+    beta, base=threshold)` (tests/test_host_syncs.py checks it), written on masks: the library's public
+    path takes index pairs, whose `nonzero` waits for the device every step, and its `forward` zeroes the
+    loss whenever at most one positive and one negative pair were mined.
 
     `keys=None`: the keys are the queries themselves (the batch term; i is not its own positive). Otherwise
     the keys are a memory (cross-batch memory: no diagonal to exclude). `exclude` (B, M) bool: query-key
     pairs that are neither positive nor negative (a memory's copies of the query itself,
-    `IndexedMemory.own_copies`); mined by `ms_mined_pairs`, the miner's rule on masks.
-
-    The library's per-anchor math is called below its `forward`, whose guard returns a zero loss whenever at
-    most one positive and one negative pair were mined: a real anchor pair would train nothing.
+    `IndexedMemory.own_copies`).
     """
-    losses, miners = _multi_similarity()
-    loss = losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=threshold)
-    sim = loss.distance(query, query if keys is None else keys)
+    keys_given = keys is not None
+    if exclude is not None and not keys_given:
+        raise ValueError("exclude masks query-key pairs of a memory: pass keys and key_labels too")
+    keys, key_labels = (keys, key_labels) if keys_given else (query, query_labels)
+    sim = torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(keys, dim=1).T
+    same = query_labels[:, None] == key_labels[None, :]
     if exclude is not None:
-        if keys is None:
-            raise ValueError("exclude masks query-key pairs of a memory: pass keys and key_labels too")
-        positive, negative = ms_mined_pairs(sim, query_labels[:, None] == key_labels[None, :], ~exclude, margin)
-        return loss._compute_loss(sim, positive.float(), negative.float())["loss"]["losses"].mean()
-    # the miner's pairs as masks (equal to MultiSimilarityMiner's index pairs, whose nonzero blocks the host)
-    same = query_labels[:, None] == (query_labels if keys is None else key_labels)[None, :]
-    valid = ~torch.eye(*sim.shape, dtype=torch.bool, device=sim.device) if keys is None else torch.ones_like(same)
+        valid = ~exclude
+    elif keys_given:
+        valid = torch.ones_like(same)
+    else:
+        valid = ~torch.eye(*sim.shape, dtype=torch.bool, device=sim.device)
     positive, negative = ms_mined_pairs(sim, same, valid, margin)
-    return loss._compute_loss(sim, positive.float(), negative.float())["loss"]["losses"].mean()
+    return (_log_one_plus_sum_exp(-alpha * (sim - threshold), positive) / alpha
+            + _log_one_plus_sum_exp(beta * (sim - threshold), negative) / beta).mean()
 
 
 def ms_mined_pairs(sim: torch.Tensor, same: torch.Tensor, valid: torch.Tensor,
@@ -114,18 +98,6 @@ def cbml_loss(query: torch.Tensor, query_labels: torch.Tensor, keys: torch.Tenso
     active = (count_pos > 0) & (count_neg > 0) & hard_pos.any(1) & hard_neg.any(1)
     per_query = torch.where(active, pos_term + neg_term + variance_weight * spread, torch.zeros_like(mu))
     return per_query.sum() / len(query)
-
-
-def gradient_shares(terms: dict[str, torch.Tensor], wrt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each (already weighted) loss term's share of the summed gradient norms at `wrt` (an activation the
-    terms reach, e.g. the embeddings): ‖∂term/∂wrt‖ / Σ_terms ‖∂term/∂wrt‖. Keeps the graph (call before
-    the backward); a term that does not reach `wrt` has share 0. Shows whether a scaled term is alive."""
-    norms = {}
-    for name, term in terms.items():
-        grad = torch.autograd.grad(term, wrt, retain_graph=True, allow_unused=True)[0] if term.requires_grad else None
-        norms[name] = torch.zeros((), device=wrt.device) if grad is None else grad.detach().float().norm()
-    total = sum(norms.values()).clamp_min(1e-30)
-    return {name: norm / total for name, norm in norms.items()}
 
 
 @fp32

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from callbacks.evaluation import gather_unique
+from embedding_core.distributed import gather_unique
 
 
 @torch.no_grad()
@@ -26,11 +26,3 @@ def extract_features(pl_module: L.LightningModule, loader: DataLoader,
         parts["index"].append(batch["index"].to(pl_module.device))
     pl_module.train(was_training)
     return gather_unique(pl_module, *(torch.cat(parts[k]) for k in ("embedding", "target", "index")))
-
-
-def own_random_stream():
-    """A context whose draws leave the global (CPU and current CUDA device) random state as it was. LMCS's
-    bookkeeping (the master's build, its k-means feature pass, discovery) runs in one, so it never shifts the
-    student's MixUp draws: LMCS without guidance or discovery trains the student exactly as MixMatch alone on
-    the same seed, which pairs the two in the digits study."""
-    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])

@@ -1,4 +1,4 @@
-"""Offline keypoint matching for TAC-CCL's cross-image supervision (dissertation §4.3.4; spec §3.5).
+"""Offline keypoint matching for TAC-CCL's cross-image supervision (dissertation §4.3.4).
 
 Once, before training: SIFT keypoints of every training image (OpenCV; affine-SIFT with `asift=True`),
 matched against the other images of its epoch-0 k-means cluster with Lowe's ratio test, an affine fitted

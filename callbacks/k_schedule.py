@@ -1,7 +1,7 @@
 """The number of positive candidates k per epoch: UMM's dynamic sampling-from-distribution (SFD).
 
 Uncertainty is large early and shrinks (UMM Fig. 10), so more candidates are drawn early and fewer later;
-the paper uses non-increasing step schedules (spec §4). Linear and cosine decay are our extensions. k is a
+the paper uses non-increasing step schedules (UMM paper §4). Linear and cosine decay are ours. k is a
 pure function of the epoch, so the callback holds no state and a resumed run continues exactly.
 """
 from __future__ import annotations

@@ -141,8 +141,8 @@ class LinearEvaluator(Scoreboard):
 
 
 class LinearProbe(LinearEvaluator):
-    """`val/linear_top1`: a Linear layer trained by SGD on frozen features (defaults: MoCo's probe recipe,
-    UMM spec 7.4 [R]; on precomputed eval-transform features, without the probe's crop augmentation)."""
+    """`val/linear_top1`: a Linear layer trained by SGD on frozen features (defaults: MoCo's probe recipe [R],
+    docs/methods/umm.md; on precomputed eval-transform features, without the probe's crop augmentation)."""
 
     metric = "val/linear_top1"
 
@@ -158,7 +158,7 @@ class LinearProbe(LinearEvaluator):
 
 class LinearSVM(LinearEvaluator):
     """`val/svm_top1`: scikit-learn's LinearSVC on frozen features (ISIF/UMM STL-10 "Linear (SVM)"); `c`
-    a list: chosen by `folds`-fold cross-validation on the train features (UMM spec 7.2)."""
+    a list: chosen by `folds`-fold cross-validation on the train features [R] (docs/methods/umm.md)."""
 
     metric = "val/svm_top1"
 

@@ -1,5 +1,6 @@
-"""ISIF's CUB positives (spec §3.5): at the start of every epoch, epoch 0 included, each training image's
-positive becomes, with probability 1/2, its nearest neighbour instead of a second view of itself.
+"""ISIF's CUB positives (docs/methods/isif.md): at the start of every epoch, epoch 0 included, each
+training image's positive becomes, with probability 1/2, its nearest neighbour instead of a second view
+of itself.
 
 Neighbours come from the L2-normalised pooled backbone features (pool5, not the embedding [C]) of the
 training split through the eval transform; the draw is seeded by (seed, epoch), so resumes repeat it.

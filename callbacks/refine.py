@@ -7,7 +7,7 @@ C_n is closer than C_m. Exact minimisation is a linear-ordering problem (NP-hard
 odd-even adjacent-swap descent from the distance order: neighbours (a, b) swap where c(b, a) < c(a, b);
 a swap changes the relative order of that one pair only, so it lowers E by exactly c(a, b) − c(b, a) and
 the descent terminates. Ranks beyond M are unchanged, so Recall@K for K > M is the plain one. The
-self-augmentation terms of Eq. 10 are constant under the literal equation (spec A16) and are left out.
+self-augmentation terms of Eq. 10 are constant under the literal equation and left out (docs/methods/roul.md).
 Everything runs batched over queries on the embeddings' device.
 """
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Sample discovery: unlabeled training images given a (pseudo) label and added to the semi-supervised
 labeled set between training iterations.
 
-`ConfidentSampleDiscovery` is Snowball's (dissertation chapter 2, §2.3.3, spec §3.4): features of the
+`ConfidentSampleDiscovery` is Snowball's (dissertation chapter 2, §2.3.3): features of the
 whole training split from one model (default the master, eval mode, no augmentation), class centres of
 the current labeled set (Eq. 2.8), every remaining unlabeled image labeled by its nearest centre, and
 the N closest added (N = the labeled set's size, so it doubles). The pure functions at the top (centres,
 distances, fusion, selection) are what LMCS's critical sample discovery reuses.
 
-`CriticalSampleDiscovery` is LMCS's (chapter 3, §3.3.3, spec §3.5-3.6): once per generation, the
+`CriticalSampleDiscovery` is LMCS's (dissertation chapter 3, §3.3.3-3.3.4): once per generation, the
 candidates confined to the rho N nearest to a labeled class centre, a rank-weighted soft-label vote over
 the labeled images (Eqs. 3.10-3.11), the N of highest vote entropy (Eq. 3.12) with the voted hard label;
 they go to the look-ahead set the master trains on, and to the student's labeled set one generation later.
@@ -93,7 +93,7 @@ def select(scores: Tensor, count: int, rule: str = "min", pool_factor: int = 10,
     """Positions of `count` rows by score (smaller = more confident), each at most once.
 
     min: the most confident (Snowball). max: the least confident. random: any. min_then_max: of the
-    pool_factor * count most confident, the count least confident (the MixMatch variant, spec §3.4.7).
+    pool_factor * count most confident, the count least confident (the MixMatch variant, [R]).
     Ties go to the lower position, so the choice does not depend on the process count.
     """
     if rule not in RULES:
@@ -144,7 +144,7 @@ def critical_select(candidates: Tensor, reference: Tensor, reference_labels: Ten
                     count: int, mode: str = "confined_max_entropy", pool_factor: int = 10,
                     beta: float | None = None, label_rule: str = "soft_argmax",
                     per_class_quota: bool = False) -> dict[str, Tensor]:
-    """LMCS's confined maximum-entropy search over candidate features (spec §3.5). Returns "picked"
+    """LMCS's confined maximum-entropy search over candidate features (dissertation §3.3.3). Returns "picked"
     (positions into `candidates`), "label", and per pick "distance" (to the nearest centre) and "entropy".
 
     confined_*: the pool_factor * count candidates nearest to a class centre of `reference` (Eq. 3.9, Delta
@@ -209,7 +209,7 @@ class ConfidentSampleDiscovery(L.Callback):
     on_fit_start for the first one. A discovery already in `history` (restored on resume) is not redone.
     At the first iteration of a generation the labeled set is reset to the original labels (Eq. 2.1).
 
-    feature_model: master | teacher | student (spec §3.4.1; the master by default).
+    feature_model: master | teacher | student (the master: dissertation §2.3.3).
     rule: min | max | random | min_then_max (MixMatch variant), over the candidates' scores.
     num_discovered: images per discovery; None = the labeled set's size (the set doubles). Capped at the
       unlabeled images left (a warning says so); with none left the iteration trains on the set as it is.
@@ -351,17 +351,17 @@ class CriticalSampleDiscovery(ConfidentSampleDiscovery):
 
     At generation g: the previous generation's discoveries U_(g-1) join the student's labeled set
     (`add_labeled`), then U_g is found and becomes the look-ahead set (`set_lookahead`) the master trains
-    on, so the master sees it one generation before the student (spec §3.6). The labeled set never resets
+    on, so the master sees it one generation before the student (§3.3.4). The labeled set never resets
     (Eq. 3.13). N_g = the master's set size (it doubles), capped so that it never exceeds max_ratio x the
     original labels (R_L) nor the candidates left; num_discovered fixes N instead (Table 3.8's one shot).
 
     feature_model: student (line 679) | teacher (the EMA student).
     mode: confined_max_entropy (the method) | confined_min_entropy | unconfined_max_entropy |
       unconfined_min_entropy | min_distance (Table 3.8) | none (no discovery: Table 3.10's "w/o CSD").
-    pool_factor: rho, the confined set's size over N (Delta by quantile, spec §3.5 REC).
-    beta: Eq. 3.10's; None = 1 / C (spec REC).
+    pool_factor: rho, the confined set's size over N (Delta by quantile [R], docs/methods/lmcs.md).
+    beta: Eq. 3.10's; None = 1 / C [R].
     reference: original (the drawn labels, Eqs. 3.8 / 3.10) | current (the student's labeled set).
-    label_rule: soft_argmax | nearest_center | agree_only (spec §3.5.7).
+    label_rule: soft_argmax | nearest_center | agree_only (docs/methods/lmcs.md).
     lookahead: false gives the discoveries to the student at once (the look-ahead ablation).
     per_class_quota: at most N / C picks per assigned class (ours, off in the chapter).
     Logged per discovery, besides the base's count and error against the hidden truth: the confined set's

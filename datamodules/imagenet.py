@@ -17,7 +17,7 @@ from datamodules.folder import class_folders, scan_class_folders
 IMAGENET_URL = "https://image-net.org/download.php (ILSVRC 2012)"
 
 # ImageNet-100 as used by CMC (Tian et al. 2020; github.com/HobbitLong/CMC imagenet100.txt). EIR gives no
-# list; its spec recommends this one (126,689 train / 5,000 val images).
+# list; we use this one [R] (docs/methods/eir.md) (126,689 train / 5,000 val images).
 CMC_IMAGENET100 = (
     "n02869837", "n01749939", "n02488291", "n02107142", "n13037406", "n02091831", "n04517823", "n04589890",
     "n03062245", "n01773797", "n01735189", "n07831146", "n07753275", "n03085013", "n04485082", "n02105505",

@@ -2,7 +2,7 @@
 
 Presets (train and eval are separate presets, chosen in config):
   npid          ISIF/NPID/EIR pipeline: RandomResizedCrop(scale 0.2-1), ColorJitter(0.4 x4, always on),
-                RandomGrayscale(0.2), HorizontalFlip. Values from the authors' code (ISIF spec A4); CIFAR at
+                RandomGrayscale(0.2), HorizontalFlip. Values from the authors' code [C]; CIFAR at
                 32, STL at 96, EIR's ImageNet-100/CUB/Cars at 224.
   simclr        UMM's ImageNet pipeline ("same as SimCLR"): RandomResizedCrop(scale 0.08-1), flip,
                 ColorJitter(0.8,0.8,0.8,0.2) with p 0.8, RandomGrayscale(0.2), GaussianBlur(kernel ~10% of the

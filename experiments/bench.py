@@ -815,7 +815,7 @@ def _eir_case(method: str, size: TrainSize, bank: int) -> tuple[float, int]:
 
 def bench_eir(quick: bool = False) -> str:
     """EIR (IRaug + intra + inter) vs its IRaug baseline vs ISIF: training throughput on one backbone and batch.
-    EIR forwards 3 images per instance (two views, one mixed) against ISIF's 2 (spec §10: about 1.5x the
+    EIR forwards 3 images per instance (two views, one mixed) against ISIF's 2 (about 1.5x the
     cost), and IRaug's N-way softmax reads the whole bank twice per step."""
     size, bank = (UMM_QUICK if quick else UMM_FULL), EIR_BANK[quick]
     mib = 2**20

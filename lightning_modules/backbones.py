@@ -30,7 +30,7 @@ def freeze_batchnorm(module: nn.Module, affine: bool = False) -> nn.Module:
 
     Fine-tuning a pretrained trunk on small, class-skewed batches would otherwise overwrite its
     ImageNet statistics (the MS-loss / CBML / Proxy-Anchor `bn_freeze` convention). The affine
-    parameters keep training by default, as the specs (TAC-CCL §2.2) and DESIGN.md have it.
+    parameters keep training by default (docs/methods/tac_ccl.md).
     """
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):

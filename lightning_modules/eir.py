@@ -4,7 +4,7 @@
 
 L_IRaug (the baseline, NPID on two views): each view's N-way non-parametric softmax against a memory bank
 of all N training embeddings (fp32), the instance's own row the target. The bank is read before this
-step's write; then m_i <- l2(m·m_i + (1 - m)·v_i) with view 1's features (spec A10-A11, m = 0.5), every
+step's write; then m_i <- l2(m·m_i + (1 - m)·v_i) with view 1's features (m = 0.5 [R]), every
 rank's indices and features gathered so each row is written once per step and all ranks hold one bank.
 L_intra and L_inter are `lightning_modules.relations` (also switchable on ISIF). Table 1's rows come from
 config: baseline = relations.intra_weight 0 and inter_weight 0; +intra; +inter; both. Multiple rounds
@@ -33,7 +33,7 @@ class EIR(EmbeddingModule):
     """IRaug + instance relations on two views per instance.
 
     temperature: τ of the non-parametric softmax (the relations carry their own, 0.1 in every config).
-    iraug_form: sum_ce (default, spec A1) | log_of_sum (Eq. 2/3 literally).
+    iraug_form: sum_ce (default [R], docs/methods/eir.md) | log_of_sum (Eq. 2/3 literally).
     memory_momentum: m of the bank update. relations: λ1, λ2 and the options of the two terms.
     gather_negatives: under DDP the inter term's InfoNCE runs over every rank's mixed images.
     seed: seeds the bank's random init (the same on every rank) and, with the step and rank, each step's
@@ -56,7 +56,7 @@ class EIR(EmbeddingModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         views, index = batch["views"][:2], batch["index"]
-        z1, z2 = (self(v).float() for v in views)  # separate forwards: BN statistics per view (spec §3.7)
+        z1, z2 = (self(v).float() for v in views)  # separate forwards: BN statistics per view [R]
         logits1, logits2 = (self.bank.logits(z, self.temperature) for z in (z1, z2))
         terms = {"iraug": iraug_loss(logits1, logits2, index, self.iraug_form)}
         rank = self.global_rank if self._trainer is not None else 0

@@ -1,6 +1,6 @@
 """ISIF: Invariant and Spreading Instance Feature (Ye et al., CVPR 2019).
 
-Default: the symmetric 2N form of the authors' code (spec §3.3): every one of the 2N features is an
+Default: the symmetric 2N form of the authors' code (docs/methods/isif.md): every one of the 2N features is an
 anchor, its other view the positive, the other 2N-2 in-batch features the negatives, the anchor itself
 excluded, candidates detached, mean over the 2N anchors. Option `variant="literal"`: the paper's Eq. 3/4
 (positives from branch-2 queries against branch-1 features; negatives from branch-1 queries against
@@ -30,7 +30,7 @@ class ISIF(EmbeddingModule):
     gather_negatives: under DDP, compute the loss on all ranks' features (the official DataParallel
       saw the whole batch); gradients flow back to each rank's own rows.
     bn_per_view: forward the two views separately (BN statistics per view, as the official 4-GPU
-      DataParallel did); default one forward of the 2N batch (spec §3.4 [R]).
+      DataParallel did); default one forward of the 2N batch ([R], docs/methods/isif.md).
     relations: EIR's instance-relation terms on top of the ISIF loss (`lightning_modules.relations`; off by
       default). The intra term needs a memory bank of all N training embeddings (momentum
       `memory_momentum`, written with view 1's features); `seed` seeds it and the mixing draws.

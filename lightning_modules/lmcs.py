@@ -7,8 +7,8 @@ its own converter A_j (a linear layer, initialised I / 3), the sum z = sum_j A_j
 decision network D_m (a linear class head, copied from the EMA student's when the master starts). Only
 the A_j and D_m train; the three students run inside the master without gradient and their BatchNorm never
 updates its running statistics, so a master update leaves every student parameter and BatchNorm statistic
-as it was (spec §3.4.1). While training, that BatchNorm normalises with the batch's statistics
-(`master_bn: batch`), as MixMatch's own label guess does [C]; the spec's eval mode (`master_bn: running`)
+as it was (docs/methods/lmcs.md). While training, that BatchNorm normalises with the batch's statistics
+(`master_bn: batch`), as MixMatch's own label guess does [C]; eval mode (`master_bn: running`)
 made the guesses poor: plain MixMatch guessing in eval mode ended at 11.7-50.8 % error on digits against
 2.2-4.4 % (5 seeds), its running statistics being those of MixUp-mixed batches. The J_D centres and the
 evaluated master (val/error_master) use the mode the master trains in (see docs/methods/lmcs.md).
@@ -17,14 +17,14 @@ The master is off in step 1 (there is no previous student). From step 2 on, ever
 J_M = label_weight * J_CE + lambda_C * J_C + eta * J_D to the student's MixMatch loss; the two touch
 disjoint parameters, so one Adam over both is two Adams (the LMC's kernels are excluded from weight
 decay by the config's `optim.no_decay`). J_CE: cross-entropy of the master on a batch of the look-ahead
-set (labels + the current generation's discoveries, spec §3.4.3 b; label_weight 0 = the printed J_M).
+set (labels + the current generation's discoveries [R]; label_weight 0 = the printed J_M).
 J_C (Eq. 3.5): softmax MSE of the master to the EMA student on the un-mixed first unlabeled view. J_D
 (Eq. 3.6): the nearest and second-nearest of C k-means centres of the master's L2-normalised fused
 features of the unlabeled pool, recomputed at every step boundary from the labeled class means (20
-Lloyd iterations) and fixed within a step: jd_mode ratio d0 / d1 (spec REC), literal (d0 - d1)^2 (the
+Lloyd iterations) and fixed within a step: jd_mode ratio d0 / d1 [R], literal (d0 - d1)^2 (the
 printed form) or neg_gap -(d1 - d0). An EMA of the LMC (master_decay, the chapter's 0.99) guides the
 student and is the master evaluated. guidance: label_guess (the EMA master guesses MixMatch's labels,
-spec REC), extra_mse (a student-master softmax MSE, weight lambda_U, on the first unlabeled view) or
+[R]), extra_mse (a student-master softmax MSE, weight lambda_U, on the first unlabeled view) or
 none. The generations follow `curriculum` (phase 0, then one critical discovery per generation by
 callbacks.sample_discovery.CriticalSampleDiscovery, which hands the master each generation's samples
 one generation before the student). Multi-GPU: the composition network gets no gradient in the first step,
@@ -120,7 +120,7 @@ class LMCS(SemiSupervised):
       evaluated master use the same mode: batch = each evaluation batch's statistics, dropout and noise off.
     jd_mode: ratio | literal | neg_gap. kmeans_iterations / kmeans_samples: the J_D centres' Lloyd iterations
       and the unlabeled images they cluster (a seeded subsample beyond it).
-    report_model: student | teacher | master (default teacher, the EMA student: spec §6).
+    report_model: student | teacher | master (default teacher, the EMA student [R]: docs/methods/lmcs.md).
     """
 
     ema_pairs = (("teacher", "student"), ("lmc_ema", "lmc"))
@@ -197,7 +197,7 @@ class LMCS(SemiSupervised):
         if epoch == 0 or epoch % self.step_epochs:
             return
         self.previous.load_state_dict(self.student.state_dict())  # the student as the step just ended left it
-        if not bool(self.master_started):  # spec §3.4.1: D_m from the EMA student's head, once
+        if not bool(self.master_started):  # D_m from the EMA student's head, once (docs/methods/lmcs.md)
             with torch.no_grad():
                 self.lmc.decision.load_state_dict(self.teacher.head.state_dict())
                 self.lmc_ema.load_state_dict(self.lmc.state_dict())

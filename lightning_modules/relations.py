@@ -4,11 +4,11 @@ ISIF with `relations`).
 
 - intra-instance multi-view relation: each view's softmax distribution over the N bank entries (logits
   m_nᵀv / τ, the instance-discrimination logits themselves), aligned by KL(view 1 ‖ view 2), view 1 detached,
-  summed over N and averaged over the batch (spec A2-A4: `batchmean`; a per-entry mean would shrink it N-fold
+  summed over N and averaged over the batch (`batchmean` [R]; a per-entry mean would shrink it N-fold
   and make λ1 = 15 meaningless).
 - inter-instance interpolation relation: an image mixed from view 1 of instance k (share r) and view 2 of a
   partner π(k) (CutMix or Mixup); its embedding is pulled, InfoNCE over the batch, towards the normalised
-  r-weighted sum of the two source embeddings (spec §3.5, A5-A9). For CutMix r is the kept area after the
+  r-weighted sum of the two source embeddings (EIR paper §3.3). For CutMix r is the kept area after the
   box is clipped to the image, not the drawn λ.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ class MemoryBank(nn.Module):
     def __init__(self, dim: int, momentum: float = 0.5, seed: int = 0):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"memory momentum {momentum}: use 0 <= m < 1 (the spec's default is 0.5)")
+            raise ValueError(f"memory momentum {momentum}: use 0 <= m < 1 (0.5 by default)")
         self.dim, self.momentum, self.seed = dim, momentum, seed
         self.register_buffer("rows", torch.zeros(0, dim))
 
@@ -112,8 +112,8 @@ def training_set_size(trainer) -> int:
 # -- instance discrimination (IRaug) -------------------------------------------------------------------
 @fp32
 def iraug_loss(logits1: Tensor, logits2: Tensor, index: Tensor, form: str = "sum_ce") -> Tensor:
-    """L_IRaug over the N-way non-parametric softmax of both views, mean over the batch. `sum_ce` (spec A1
-    [R]): -log P(i|v) - log P(i|v̂); `log_of_sum`: Eq. 2/3 literally, -log(P(i|v) + P(i|v̂))."""
+    """L_IRaug over the N-way non-parametric softmax of both views, mean over the batch. `sum_ce` [R]:
+    -log P(i|v) - log P(i|v̂); `log_of_sum`: Eq. 2/3 literally, -log(P(i|v) + P(i|v̂))."""
     if form == "sum_ce":
         return F.cross_entropy(logits1, index) + F.cross_entropy(logits2, index)
     if form == "log_of_sum":
@@ -162,7 +162,7 @@ def paste(base: Tensor, other: Tensor, box: tuple[int, int, int, int]) -> tuple[
 
 def mix_images(base: Tensor, other: Tensor, mode: str, rng: np.random.Generator,
                alpha: float = 1.0) -> tuple[Tensor, float]:
-    """(mixed batch, r) from r ~ Beta(alpha, alpha), one draw (and one CutMix box) per batch (spec A8)."""
+    """(mixed batch, r) from r ~ Beta(alpha, alpha), one draw (and one CutMix box) per batch [R]."""
     ratio = float(rng.beta(alpha, alpha))
     if mode == "cutmix":
         return paste(base, other, cutmix_box(*base.shape[-2:], ratio, rng))
@@ -179,7 +179,7 @@ def interpolation_target(base: Tensor, other: Tensor, ratio: float) -> Tensor:
 @fp32
 def interpolation_loss(mixed: Tensor, target: Tensor, temperature: float = 0.1, detach_target: bool = True,
                        bank: Tensor | None = None) -> Tensor:
-    """L_inter (Eq. 9 read as InfoNCE, spec A5-A6): for each target ṽ_k the softmax over the mixed features
+    """L_inter (Eq. 9 read as InfoNCE [R]): for each target ṽ_k the softmax over the mixed features
     of the batch, positive v_k. With `bank` (negatives "memory_bank"): anchor v_k, positive ṽ_k, negatives
     every bank row."""
     if detach_target:

@@ -17,9 +17,9 @@ stale copy. Each term's share of its network's gradient is logged (train/grad_sh
 docs/methods/roul.md for these choices and their evidence.
 
 One forward and one backward of the sum give each network exactly the gradient of its own losses (the
-detach rules), i.e. the spec's per-step alternation (FEN step with the current Φ as teacher, then the Φ
+detach rules), i.e. a per-step alternation (FEN step with the current Φ as teacher, then the Φ
 step on the same forward's D); Φ's learning rate is its parameter group's (`optim.lr_mult.order_head`).
-L_O's ternary targets come from the batch itself (spec A6's alternative): k-means core regions tag the P x K
+L_O's ternary targets come from the batch itself (docs/methods/roul.md): k-means core regions tag the P x K
 batch, an anchor in core m compares its self-augs (0 among themselves), same-core items (0), other-core
 items (+1 for the aug and same-core rows against them, −1 the other way); every other pair is masked.
 

@@ -4,7 +4,7 @@ A module inserted after a named stage of the trunk (`Trunk.insert`): Φ predicts
 (B, C, H, W) an N x N assembly matrix w[b, u, v] (N = H·W; row u = input point, column v = output point),
 made doubly stochastic by log-domain Sinkhorn, and the upper network sees G[:, :, v] = Σ_u w[u, v] F[:, :, u]
 (Eq. 5.4) in place of F. Regularisers (Eq. 5.12): L_Φ = λ1 E + λ2 C + λ3 L_LC, each 0 at a permutation
-(L_LC: at the identity), with the spec's mean reductions (§3.4-3.6).
+(L_LC: at the identity), with mean reductions (docs/methods/san.md).
 
 The module starts at the identity (last conv of Φ zero, logits + β·I with β learnable, β0 = 8: diagonal mass
 ≈ 0.94 at N = 196), so a pretrained upper network first sees its usual input. Right before global average
@@ -118,7 +118,7 @@ def assembly_diagnostics(w: Tensor) -> dict[str, Tensor]:
 @hparam
 @dataclass
 class Assembly:
-    """Where and how SAN runs (spec §3.3, §3.8). enabled: false = the same network without SAN (the baseline
+    """Where and how SAN runs. enabled: false = the same network without SAN (the baseline
     rows); stage: the trunk stage it follows; hidden: Φ's width; normalization: sinkhorn | softmax_in; iterations: Sinkhorn steps; beta0:
     the identity prior's initial β (learnable); detach_input: Φ sees F.detach() (ablation of A14);
     control: the parameter-matched control, Φ's convs as a zero-initialised residual block G = F + Φ'(F)

@@ -5,15 +5,15 @@ A third model, the master, is an EMA of the teacher (Eq. 2.6, beta = 0.999), its
 student (Eq. 2.2). The student's loss adds to the base learner a master-student consistency term on the
 labeled rows of the batch (Eq. 2.7; `master_consistency_on`), with the same weight w(t) as the teacher
 term. Training follows a `Curriculum` in one fit: phase 0 is the plain base learner (the master is off
-and tracks the teacher, so it starts as a copy of it, spec §3.5), then `generations` x `iterations`
+and tracks the teacher, so it starts as a copy of it), then `generations` x `iterations`
 iterations of `iteration_epochs` each. Before every iteration the `ConfidentSampleDiscovery` callback
 labels unlabeled images with the master's nearest class centre and doubles the labeled set; each
 generation restarts from the original labels. The lr schedule restarts with every phase and iteration
-(warm start, spec §3.5 REC) as a fresh ramp-down: its warm-up runs in phase 0 only, like the consistency
+(warm start [R]) as a fresh ramp-down: its warm-up runs in phase 0 only, like the consistency
 ramp-up and the teacher's decay switch, which are not re-run either.
 
 With the MixMatch learner the teacher-student term of Eq. 2.7 is added too (MixMatch has none of its
-own), on the un-mixed views, once the master is on (spec §3.6).
+own), on the un-mixed views, once the master is on (docs/methods/snowball.md).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class Snowball(SemiSupervised):
     master_consistency_on: "labeled" (Eq. 2.7: the labeled, incl. discovered, rows), "all" (the
       introduction's reading, an ablation) or "none" (MT + sample discovery, Table 2.11).
     curriculum: the epoch layout; trainer.max_epochs is its total (less only for a run to be resumed).
-    report_model: student | teacher | master (default teacher, spec §6 REC).
+    report_model: student | teacher | master (default teacher [R], as Mean Teacher reports).
     """
 
     ema_pairs = (("teacher", "student"), ("master", "teacher"))  # master after the updated teacher
@@ -63,7 +63,7 @@ class Snowball(SemiSupervised):
 
     def lr_factor_at(self, epoch: int) -> float:
         """The configured schedule run over each phase: phase 0, then every iteration afresh, without its
-        warm-up (a warm-started iteration restarts the ramp-down only, spec §3.5)."""
+        warm-up (a warm-started iteration restarts the ramp-down only)."""
         phase_epoch, length = self.curriculum.phase_epoch(epoch)
         in_phase0 = self.curriculum.position(epoch) is None
         return lr_factor(phase_epoch, self.schedule if in_phase0 else replace(self.schedule, warmup_epochs=0),

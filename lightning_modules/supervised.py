@@ -1,4 +1,4 @@
-"""Metric learning on class labels: the baseline SAN is added to (dissertation ch. 5, §3.9 of the spec).
+"""Metric learning on class labels: the baseline SAN is added to (dissertation ch. 5; docs/methods/san.md).
 
     L = L_batch(z, y) + memory_weight L_memory(z, y; queue of momentum keys)
 

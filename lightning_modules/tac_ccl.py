@@ -12,7 +12,7 @@ Table 4.4 rows from config: Baseline = ccl_weight 0, tac_weight 0, feature_weigh
 +TAC (the full method) = all weights 1. Self-TAC only: cross.probability 0; Eq. 4.6 as printed:
 cross.mode literal; no memory bank: memory_weight 0.
 
-Cross-image pairs (§4.3.4), `cross.matching`:
+Cross-image pairs (dissertation §4.3.4), `cross.matching`:
 - `offline` (the dissertation's, the paper configs'): SIFT + RANSAC matching within the epoch-0 clusters,
   mined once before training by `callbacks.cross_pairs.OfflineCrossPairs`, whose cross items arrive with
   the batch (both keypoint crops, the matched keypoints and the crop-to-crop affine).
@@ -259,7 +259,7 @@ def affine_to_homography(affine: Tensor) -> Tensor:
 class CBAM(nn.Module):
     """Channel then spatial attention (Woo et al. 2018); returns (modulated map, spatial map M in (0, 1)).
     The spatial conv has a bias instead of CBAM's BatchNorm, which frozen-BN training would leave at its
-    initial statistics (spec §2.2 [R])."""
+    initial statistics ([R], docs/methods/tac_ccl.md)."""
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7):
         super().__init__()
@@ -336,7 +336,7 @@ class TACCCL(IndexedMemory, EmbeddingModule):
         # a random trunk's pooled ReLU features share one large mean direction: centring them spreads the
         # embeddings out of the narrow cone where the MS gradients (which scale with the angles) vanish
         self.center = nn.BatchNorm1d(self.trunk.out_dim, affine=False) if center_features else nn.Identity()
-        nn.init.kaiming_normal_(self.head.linear.weight)  # spec §2.2 [R/G-code]
+        nn.init.kaiming_normal_(self.head.linear.weight)  # [R] as the GoogLeNet metric-learning code
         nn.init.zeros_(self.head.linear.bias)
         self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("centers", torch.zeros(0, self.hparams.embedding_dim), persistent=False)

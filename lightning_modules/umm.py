@@ -5,7 +5,7 @@ L2-normalised draws per view are its positive candidates. The loss is Eq. 13,
   L = L_S + λ_N L_N + λ_R L_R,
 with L_S the set-to-set softmax (Eqs. 5-7), L_N the symmetric KL between the two views' Gaussians
 (Eqs. 8-10) and L_R = 1 - mAP of a histogram-binned ranking of every candidate in the batch (Eqs. 11-12).
-Every term is a mean per instance (per query for L_R), as the λ's "balance the scale with L_S" (spec A6).
+Every term is a mean per instance (per query for L_R), as the λ's "balance the scale with L_S" (paper §4.1.1).
 L_N is also a mean over the D dimensions by default (`consistency_reduction`). Summed over D = 128, as
 Eq. 8 prints it, λ_N L_N at initialisation is 200-1,400 (by batch) for the paper's λ_N = 10 (CIFAR, STL)
 against L_S ≈ log n ≈ 5 and λ_R L_R ≈ 7-10: σ² runs to its clamp and the candidates become noise. The mean
@@ -15,7 +15,7 @@ not equal pulls: L_N pulls the two views' μ together with weight λ_N / (D σ²
 L_S's gradient on μ at the first step and collapses μ within 4 steps; umm/digits.yaml uses λ_N = 0.64. Each
 term's share of the gradient on μ is logged (`train/share_*`); see docs/methods/umm.md.
 k (`num_samples`) is set each epoch by `callbacks.k_schedule.KSchedule` through `set_num_samples`.
-There is no momentum encoder, queue or memory bank: "momentum" is the paper's metaphor (spec §3.8).
+There is no momentum encoder, queue or memory bank: "momentum" is the paper's metaphor.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def sample_candidates(mu: torch.Tensor, logvar: torch.Tensor, num_samples: int,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """k positive candidates per instance, z = normalize(μ + σ ⊙ ε): (B, k, D) from (B, C, D) moments.
 
-    Reparameterised, so L_S and L_R reach σ as well as μ (spec A1); fresh noise per call and per view (A5).
+    Reparameterised, so L_S and L_R reach σ as well as μ; fresh noise per call and per view.
     Candidate u comes from mixture component u mod C (equal weights, stratified), so C = 1 is Eq. 2.
     """
     component = torch.arange(num_samples, device=mu.device) % mu.shape[1]
@@ -78,7 +78,7 @@ def distribution_consistency_loss(mu1: torch.Tensor, logvar1: torch.Tensor, mu2:
     """L_N: KL(N‖N') + KL(N'‖N) of diagonal Gaussians (..., D), mean over the leading dimensions.
 
     In the symmetric sum the log-determinants cancel, leaving variance ratios and a Mahalanobis term under
-    both precisions. Alone it is lowered by inflating σ; L_S and L_R push back (spec §3.5).
+    both precisions. Alone it is lowered by inflating σ; L_S and L_R push back.
     reduction over D: "mean" (default) keeps λ_N L_N on the scale of L_S for the paper's λ_N, whatever D;
     "sum" is the KL of Eq. 8 as printed, D times larger.
     """
@@ -145,7 +145,7 @@ def ranking_loss(z1: torch.Tensor, z2: torch.Tensor, bins: int = 20, pool: str =
                  shard: tuple[int, int] = (0, 1), chunk: int | None = None) -> torch.Tensor:
     """L_R = 1 - mAP: every candidate queries the pool of candidates (n, k, D per view) by cosine.
 
-    pool "both_views" (default, spec A7): the 2nk candidates of both views, the query left out of its own
+    pool "both_views" (default [R]): the 2nk candidates of both views, the query left out of its own
     list; positives are the other 2k - 1 candidates of its image (never degenerate, also at k = 1).
     "single_view_literal": the nk first-view candidates as Eq. 11 reads, the query one of its own k
     positives (AP ≡ 1 at k = 1). `shard` = (i, count) scores only the i-th of `count` equal query slices,
@@ -185,7 +185,7 @@ class UMM(EmbeddingModule):
       paper's λ_N then overwhelms L_S, see the module docstring).
     num_samples: k until a `KSchedule` sets it (`set_num_samples`).
     components: C Gaussians per image (Eq. 3); every published number uses C = 1.
-    variance, logvar_range: the σ² parameterisation of `GaussianHead` (spec A2).
+    variance, logvar_range: the σ² parameterisation of `GaussianHead` (docs/methods/umm.md).
     softmax_mode: L_S form, see `set_softmax_loss`. ranking_pool, bins, ranking_chunk: see `ranking_loss`.
     gather_negatives: under DDP, L_S sees all ranks' candidate sets and L_R all ranks' candidates (each
       rank scoring an equal share of the queries); gradients flow back to each rank's own rows.
@@ -205,7 +205,7 @@ class UMM(EmbeddingModule):
         if ranking_pool not in RANKING_POOLS:
             raise ValueError(f"ranking_pool {ranking_pool!r}: use one of {', '.join(RANKING_POOLS)}")
         if bins < 1:
-            raise ValueError(f"bins {bins}: use B >= 1 histogram bins over [-1, 1] (the spec's default is 20)")
+            raise ValueError(f"bins {bins}: use B >= 1 histogram bins over [-1, 1] (20 by default)")
         self.head = GaussianHead(self.trunk.out_dim, self.hparams.embedding_dim, components=components,
                                  variance=variance, logvar_range=logvar_range)
         self.temperature, self.lambda_n, self.lambda_r = temperature, lambda_n, lambda_r

@@ -76,7 +76,7 @@ def test_every_config_of_a_method_parses_to_its_module(parser, method):
                 c = cfg.model.init_args.curriculum
                 assert cfg.trainer.max_epochs == c.phase0_epochs + c.generations * c.iterations * c.iteration_epochs
             assert cfg.trainer.max_epochs % cfg.trainer.check_val_every_n_epoch == 0, config  # final = last epoch
-            assert cfg.data.init_args.split_seed is None, config  # seed_everything draws the labels (spec §6)
+            assert cfg.data.init_args.split_seed is None, config  # seed_everything draws the labels
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
@@ -151,12 +151,13 @@ def check_trial(parser, args: list[str], values: dict) -> None:
 
 
 # -- paper values ----------------------------------------------------------------------------------------
-# The key values of every paper config, copied from the specs' hyperparameter tables (the section is named
-# above each block), so that a wrong value in a config fails here. Keys are dotted paths into the resolved
-# config (base.yaml + datasets/<d>.yaml + the method's file); `init_args` levels are implicit and a callback
-# is named by its class. Lengths of Snowball's phases are left out: they are being moved to steps.
+# The key values of every paper config, taken from the papers (the section is named above each block;
+# readings and choices: docs/methods/<method>.md), so that a wrong value in a config fails here. Keys are
+# dotted paths into the resolved config (base.yaml + datasets/<d>.yaml + the method's file); `init_args`
+# levels are implicit and a callback is named by its class. Lengths of Snowball's phases are left out: they
+# are being moved to steps.
 
-# isif.md §5 (Hyperparameters) and §3.5 (CUB nearest-neighbour positive)
+# ISIF paper §4.1 (seen) and §4.2 (unseen); the CUB nearest-neighbour positive: docs/methods/isif.md
 ISIF = {"model.temperature": 0.1, "model.embedding_dim": 128, "model.optim.name": "sgd",
         "model.optim.momentum": 0.9, "model.optim.weight_decay": 5e-4}
 ISIF_SEEN = {**ISIF, "model.optim.lr": 0.03, "model.optim.nesterov": False, "model.schedule.name": "step",
@@ -165,7 +166,7 @@ ISIF_SEEN = {**ISIF, "model.optim.lr": 0.03, "model.optim.nesterov": False, "mod
 ISIF_FINE = {**ISIF, "model.backbone": "googlenet", "model.pretrained": True, "model.optim.lr": 0.001,
              "model.schedule.name": "constant", "trainer.max_epochs": 60, "data.batch_size": 64,
              "data.image_size": 227}
-# umm.md §6 (Hyperparameters) and §4 (k schedule)
+# UMM paper §4.2.2 (CIFAR-10, STL-10) and §4.3.2 (CUB, Cars, SOP), k schedules included
 UMM_SEEN = {"model.temperature": 0.1, "model.embedding_dim": 128, "model.lambda_n": 10.0, "model.lambda_r": 10.0,
             "model.bins": 20, "model.optim.name": "sgd", "model.optim.lr": 0.06, "model.optim.momentum": 0.9,
             "model.optim.weight_decay": 5e-4, "model.schedule.name": "step",
@@ -177,27 +178,29 @@ UMM_FINE = {"model.temperature": 0.1, "model.embedding_dim": 128, "model.lambda_
             "model.optim.lr": 0.001, "model.optim.weight_decay": 5e-4, "model.schedule.name": "constant",
             "trainer.max_epochs": 90, "data.batch_size": 64, "trainer.callbacks.KSchedule.values": [50, 30, 10],
             "trainer.callbacks.KSchedule.milestones": [30, 60]}
-# tac_ccl.md §5 (Hyperparameters)
+# dissertation §4.4.2 (TAC-CCL's implementation details)
 TAC_CCL = {"model.embedding_dim": 512, "model.ms_alpha": 2.0, "model.ms_beta": 40.0, "model.ms_threshold": 0.5,
            "model.ms_margin": 0.1, "model.memory_weight": 1.0, "model.ccl_weight": 1.0, "model.tac_weight": 1.0,
            "model.feature_weight": 1.0, "model.cross.probability": 0.5, "model.optim.name": "adam",
            "model.optim.weight_decay": 5e-4, "model.schedule.name": "step", "data.batch_size": 80,
            "data.samples_per_class": 5, "trainer.callbacks.KMeansPseudoLabels.every_n_epochs": 20,
-           # §3.6 L_F is the plain norm; §3.3 C+ = the nearest centre; §3.2.1 one k-means run of 50 iterations
+           # readings (docs/methods/tac_ccl.md): L_F the plain norm, C+ the nearest centre, one k-means
+           # run of 50 iterations
            "model.feature_loss": "norm", "model.ccl_positive": "nearest",
            "trainer.callbacks.KMeansPseudoLabels.restarts": 1,
            "trainer.callbacks.KMeansPseudoLabels.iterations": 50,
-           # §3.5 cross pairs: offline SIFT matching in the epoch-0 clusters (ratio 0.75, RANSAC affine at
-           # 5 px, >= 20 inliers, top-2), crops = the inliers' box + 15% and >= 64 px; Γ's σ = 1 cell; A6
+           # cross pairs (dissertation §4.3.4 [R]): offline SIFT matching in the epoch-0 clusters (ratio
+           # 0.75, RANSAC affine at 5 px, >= 20 inliers, top-2), crops = the inliers' box + 15% and >= 64 px;
+           # Γ's σ = 1 cell; aligned
            "model.cross.matching": "offline", "model.cross.mode": "aligned", "model.cross.sigma": 1.0,
            **{f"trainer.callbacks.OfflineCrossPairs.{k}": v for k, v in {
                "top_k": 2, "min_inliers": 20, "ratio": 0.75, "reprojection": 5.0, "asift": False,
                "longer_side": 256, "margin": 0.15, "min_side": 64.0,
                "probability": None}.items()}}  # probability None: the model's cross.probability
-# §2.2: GAP -> FC -> L2 on pretrained features, no centring (center_features is our from-scratch fix, §2.3)
+# GoogLeNet: GAP -> FC -> L2 on pretrained features, no centring (center_features: our from-scratch fix)
 TAC_CCL_GOOGLENET = {**TAC_CCL, "model.backbone": "googlenet", "model.frozen_bn": True, "model.optim.lr": 3e-5,
                      "model.schedule.factors": [0.1], "data.image_size": 227, "model.center_features": False}
-# roul.md §5 (Hyperparameters)
+# ROUL paper §4 (experiments); readings: docs/methods/roul.md
 ROUL = {"model.embedding_dim": 128, "model.ms_alpha": 2.0, "model.ms_beta": 40.0, "model.ms_threshold": 0.5,
         "model.ms_margin": 0.1, "model.mv_weight": 1.0, "model.mv_h": 0.1, "model.roc_weight": 0.1,
         "model.roc_alpha": 0.1, "model.moc_weight": 1.0, "model.moc_beta": 0.1, "model.order_weight": 1.0,
@@ -205,8 +208,8 @@ ROUL = {"model.embedding_dim": 128, "model.ms_alpha": 2.0, "model.ms_beta": 40.0
         "model.optim.weight_decay": 5e-4, "model.schedule.name": "step", "model.schedule.factors": [0.1],
         "data.batch_size": 80, "data.samples_per_class": 5, "evaluation.refine_alpha": 10.0,
         "evaluation.refine_lambda": 1.0,
-        # roul.md §3.4 (Eq. 7: the batch against the bank, no in-batch term; the bank leaves out the query) and
-        # §3.6-3.7 (A14: Eqs. 5-6 per-anchor sums, averaged over anchors; docs/methods/roul.md)
+        # readings (docs/methods/roul.md): Eq. 7 the batch against the bank, no in-batch term, the bank leaves
+        # out the query; Eqs. 5-6 per-anchor sums, averaged over anchors
         "model.memory_weight": 1.0, "model.batch_ms": False, "model.order_reduction": "anchor",
         "model.moc_sign": "magnitude", "model.roc_warmup_epochs": 1, "model.other_other": "masked",
         "model.core_rule": "global", "model.rop_backprop_backbone": False}
@@ -219,8 +222,8 @@ ROUL_FINE = {**ROUL_GOOGLENET, "trainer.max_epochs": 60, "model.schedule.milesto
 ROUL_SOP = {"trainer.callbacks.KMeansPseudoLabels.num_clusters": 10_000,
             "trainer.callbacks.KMeansPseudoLabels.every_n_epochs": 5, "evaluation.recall_ks": [1, 10, 100],
             "evaluation.refine_m": 100}
-# eir.md §5 (Hyperparameters: one table for every dataset), §2 (ResNet18 from scratch, CIFAR-style stem at
-# 32/96 px, ImageNet-style at 224 px: A13) and §6 (kNN k=200 / LC / Recall@1-8)
+# EIR paper §4.1 (one recipe for every dataset; kNN k=200 / LC / Recall@1-8); ResNet18 from scratch,
+# CIFAR-style stem at 32/96 px, ImageNet-style at 224 px [R] (docs/methods/eir.md)
 EIR = {"model.embedding_dim": 128, "model.pretrained": False, "model.temperature": 0.1,
        "model.relations.intra_weight": 15.0, "model.relations.inter_weight": 2.0, "model.optim.name": "sgd",
        "model.optim.lr": 0.03, "model.optim.momentum": 0.9, "model.optim.weight_decay": 5e-4,
@@ -228,13 +231,13 @@ EIR = {"model.embedding_dim": 128, "model.pretrained": False, "model.temperature
        "trainer.max_epochs": 200, "data.batch_size": 128}
 EIR_SMALL = {**EIR, "model.backbone": "cifar_resnet18"}
 EIR_224 = {**EIR, "model.backbone": "resnet18", "data.image_size": 224}
-# §6.2 LC: Linear(512, C) on the frozen conv5 features, lr 0.1, 100 epochs, batch 256, wd 0; the configs step
-# x0.1 at 60/80 instead of the spec's cosine decay (tagged [R]: callbacks.linear has no cosine schedule)
+# LC: Linear(512, C) on the frozen conv5 features (EIR paper §4.1); [R] lr 0.1, 100 epochs, batch 256, wd 0,
+# x0.1 at 60/80 (callbacks.linear has no cosine schedule)
 EIR_LC = {"evaluation.knn_k": 200, "trainer.callbacks.LinearProbe.features": "backbone",
           "trainer.callbacks.LinearProbe.lr": 0.1, "trainer.callbacks.LinearProbe.epochs": 100,
           "trainer.callbacks.LinearProbe.batch_size": 256, "trainer.callbacks.LinearProbe.weight_decay": 0.0,
           "trainer.callbacks.LinearProbe.milestones": [60, 80]}
-# snowball.md §5 (Snowball-specific and base-method tables)
+# dissertation §2.4 and the base methods' published recipes (docs/methods/snowball.md)
 SNOWBALL = {"model.ema_decay": 0.999, "model.master_decay": 0.999,
             "model.master_consistency_on": "labeled"}  # Eq. 2.7: the master term on the labelled rows
 MEAN_TEACHER_RESNET26 = {**SNOWBALL, "model.learner": "mean_teacher", "model.backbone": "shakeshake26",
@@ -250,9 +253,9 @@ MIXMATCH = {**SNOWBALL, "model.learner": "mixmatch", "model.ema_decay_rampup": 0
             "model.sharpen_temperature": 0.5, "model.mixup_alpha": 0.75, "model.optim.name": "adamw",
             "model.optim.lr": 0.002, "model.optim.decay_norm_and_bias": False, "model.schedule.name": "constant",
             "data.batch_size": 64, "data.labeled_batch_size": 64}
-# lmcs.md §5 (Hyperparameters: MixMatch's recipe [MM-code] with decoupled wd 0.02 x lr on kernels, the chapter's
-# EMA student 0.999 / master 0.99 / 10-epoch step, REC E0 = 1024 and E_gen = 200 epochs of 1024 iterations),
-# §3.5 (confined maximum entropy search) and §6 (median error of the last 20 evaluations)
+# dissertation §3.4.1 (MixMatch's recipe [MM-code] with decoupled wd 0.02 x lr on kernels, the chapter's
+# EMA student 0.999 / master 0.99 / 10-epoch step; [R] E0 = 1024 and E_gen = 200 epochs of 1024 iterations),
+# §3.3.3 (confined maximum entropy search); MixMatch's median error of the last 20 evaluations
 LMCS = {"model.learner": "mixmatch", "model.sharpen_temperature": 0.5, "model.mixup_alpha": 0.75,
         "model.rampup_steps": 16_384, "model.ema_decay": 0.999, "model.master_decay": 0.99, "model.step_epochs": 10,
         "model.optim.name": "adamw", "model.optim.lr": 0.002, "model.optim.weight_decay": 0.02,
@@ -261,10 +264,9 @@ LMCS = {"model.learner": "mixmatch", "model.sharpen_temperature": 0.5, "model.mi
         "model.curriculum.iteration_epochs": 200,
         "trainer.callbacks.CriticalSampleDiscovery.mode": "confined_max_entropy",
         "trainer.callbacks.ClassificationEvaluator.median_window": 20,
-        # §3.4.6 guidance (REC label guess), §3.4.3 J_M (REC label term, ratio J_D, eta 0.1, lambda_C =
-        # lambda_U), §3.4.1 the students' BN in the master (batch: docs/methods/lmcs.md), §3.5 discovery
-        # (student features, rho 10, beta 1/C, original reference, soft-argmax label), §3.6 look-ahead, one
-        # discovery per generation
+        # readings (docs/methods/lmcs.md): guidance by label guess, J_M with a label term, ratio J_D, eta 0.1,
+        # lambda_C = lambda_U, the students' BN in the master (batch), discovery (student features, rho 10,
+        # beta 1/C, original reference, soft-argmax label), look-ahead, one discovery per generation
         "model.guidance": "label_guess", "model.label_weight": 1.0, "model.jd_mode": "ratio", "model.jd_weight": 0.1,
         "model.master_consistency_weight": None, "model.master_bn": "batch", "model.curriculum.iterations": 1,
         "trainer.callbacks.CriticalSampleDiscovery.feature_model": "student",
@@ -273,12 +275,12 @@ LMCS = {"model.learner": "mixmatch", "model.sharpen_temperature": 0.5, "model.mi
         "trainer.callbacks.CriticalSampleDiscovery.reference": "original",
         "trainer.callbacks.CriticalSampleDiscovery.label_rule": "soft_argmax",
         "trainer.callbacks.CriticalSampleDiscovery.lookahead": True}
-# R_L = 10 reached in G = 4 doublings (2x, 4x, 8x, 10x: §3.6); backbones §2; lambda_U per column of §5
+# R_L = 10 reached in G = 4 doublings (2x, 4x, 8x, 10x); backbones and lambda_U: docs/methods/lmcs.md
 LMCS_R10 = {**LMCS, "trainer.callbacks.CriticalSampleDiscovery.max_ratio": 10.0, "trainer.max_epochs": 1024 + 4 * 200}
 LMCS_WRN_CIFAR10 = {**LMCS_R10, "model.backbone": "wrn28_2", "model.consistency_weight": 75.0}
 LMCS_WRN_SVHN = {**LMCS_R10, "model.backbone": "wrn28_2", "model.consistency_weight": 250.0,
                  "data.label_split": "proportional"}
-# ConvNet-13: the Pi-model / Mean Teacher network the chapter cites ("3.13 million parameters", §3.5.1)
+# ConvNet-13: the Pi-model / Mean Teacher network the chapter cites ("3.13 million parameters", §3.4.1)
 LMCS_CNN13_CIFAR10 = {**LMCS_R10, "model.backbone": "convnet13", "model.consistency_weight": 75.0}
 LMCS_CNN13_CIFAR100 = {**LMCS, "model.backbone": "convnet13", "model.consistency_weight": 150.0}
 
@@ -367,20 +369,20 @@ PAPER_VALUES = {
                               "model.backbone": "wrn28_135", "data.labels_per_class": 400},
     "snowball/cifar100-mixmatch": {**MIXMATCH, "model.consistency_weight": 150.0, "model.optim.weight_decay": 0.02,
                                    "data.labels_per_class": 100, "model.backbone": "convnet13"},
-    # LMCS, WRN-28-2 (lmcs.md §2 label counts: CIFAR-10 80 / 100 / 250 / 500, SVHN 100 / 250 / 500)
+    # LMCS, WRN-28-2 (dissertation §3.4 label counts: CIFAR-10 80 / 100 / 250 / 500, SVHN 100 / 250 / 500)
     "lmcs/cifar10-80": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 8},
     "lmcs/cifar10-100": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 10},
     "lmcs/cifar10": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 25},
     "lmcs/cifar10-500": {**LMCS_WRN_CIFAR10, "data.labels_per_class": 50},
-    # SVHN: §2 follows MixMatch's class-proportional split (labels_per_class x 10 in all)
+    # SVHN: MixMatch's class-proportional split (labels_per_class x 10 in all)
     "lmcs/svhn-100": {**LMCS_WRN_SVHN, "data.labels_per_class": 10},
     "lmcs/svhn": {**LMCS_WRN_SVHN, "data.labels_per_class": 25},
     "lmcs/svhn-500": {**LMCS_WRN_SVHN, "data.labels_per_class": 50},
-    # LMCS, ConvNet-13 (§2: CIFAR-10 100 / 250 / 1000, CIFAR-100 4000 / 5000 / 10000 labels)
+    # LMCS, ConvNet-13 (dissertation §3.4: CIFAR-10 100 / 250 / 1000, CIFAR-100 4000 / 5000 / 10000 labels)
     "lmcs/cifar10-convnet13-100": {**LMCS_CNN13_CIFAR10, "data.labels_per_class": 10},
     "lmcs/cifar10-convnet13-250": {**LMCS_CNN13_CIFAR10, "data.labels_per_class": 25},
     "lmcs/cifar10-convnet13": {**LMCS_CNN13_CIFAR10, "data.labels_per_class": 100},
-    # CIFAR-100: R_L = 10 with |Omega_M| capped at 40,000 (§5 REC): 4000 -> 40,000 in 4 doublings,
+    # CIFAR-100: R_L = 10 with |Omega_M| capped at 40,000 [R]: 4000 -> 40,000 in 4 doublings,
     # 5000 -> 40,000 (8x) in 3, 10,000 -> 40,000 (4x) in 2
     "lmcs/cifar100-4000": {**LMCS_CNN13_CIFAR100, "data.labels_per_class": 40,
                            "trainer.callbacks.CriticalSampleDiscovery.max_ratio": 10.0,
@@ -393,8 +395,8 @@ PAPER_VALUES = {
 }
 
 # issue 22 item 19: the result-changing switches of ISIF, UMM and EIR whose value is a reading of the paper, pinned
-# so a paper config cannot silently run the other reading. isif.md A1-A2, §3.4; umm.md A2, A4, A6-A7, A20 (L_N
-# averaged over D: docs/methods/umm.md); eir.md A1, A4, A6-A8, A10 (and the single tau, §3.1).
+# so a paper config cannot silently run the other reading: the readings tables of docs/methods/isif.md,
+# umm.md and eir.md.
 ISIF_READINGS = {"model.variant": "symmetric", "model.detach_candidates": True, "model.bn_per_view": False}
 UMM_READINGS = {"model.consistency_reduction": "mean", "model.softmax_mode": "literal",
                 "model.ranking_pool": "both_views", "model.components": 1, "model.variance": "exp",
@@ -437,7 +439,7 @@ def test_paper_configs_carry_the_spec_values(parser, name):
 
 
 def test_every_paper_config_has_a_value_table():
-    """A new paper config of a covered method gets its spec values written above (digits and folder are
+    """A new paper config of a covered method gets its paper values written above (digits and folder are
     the embedded / generic configs, not papers')."""
     shipped = {f"{p.parent.name}/{p.stem}" for m in METHODS for p in (CONFIGS / m).glob("*.yaml")}
     not_papers = {n for n in shipped if n.split("/")[1].split("-")[0] in ("digits", "folder")}

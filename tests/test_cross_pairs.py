@@ -1,4 +1,4 @@
-"""Offline keypoint matching (TAC-CCL §4.3.4): real OpenCV SIFT + RANSAC on a hand-built image pair whose
+"""Offline keypoint matching (dissertation §4.3.4): real OpenCV SIFT + RANSAC on a hand-built image pair whose
 affine is known, an unrelated image that must stay unmatched, the crop-frame affine, and the cache."""
 import cv2
 import lightning as L

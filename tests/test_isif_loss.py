@@ -1,4 +1,4 @@
-"""ISIF loss against values worked out by hand (spec §3.3 and A1)."""
+"""ISIF loss against values worked out by hand (ISIF paper §3.2; symmetric form: docs/methods/isif.md)."""
 import math
 
 import pytest

@@ -1,5 +1,5 @@
 """The k schedule: the paper's milestones from the shipped configs, the extensions, a real fit on digits in
-which the candidate shapes follow k, and a resume that continues the schedule (spec §12.6)."""
+which the candidate shapes follow k, and a resume that continues the schedule."""
 import lightning as L
 import pytest
 import yaml

@@ -1,4 +1,4 @@
-"""ISIF's nearest-neighbour positives (CUB, spec §3.5)."""
+"""ISIF's nearest-neighbour positives (CUB, docs/methods/isif.md)."""
 import lightning as L
 import numpy as np
 import torch

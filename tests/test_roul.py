@@ -79,7 +79,7 @@ def test_moc_by_hand_trains_the_order_predictor_only():
     assert grad_items is None
     assert grad_orders[0, 0, 1].item() == pytest.approx(-math.log10(2))
     literal = metric_order_consistency(orders, gaps, beta=0.1, sign="literal")
-    assert literal.item() == pytest.approx(-loss.item())  # the printed signed log_0.1 (spec A1)
+    assert literal.item() == pytest.approx(-loss.item())  # the printed signed log_0.1 (docs/methods/roul.md)
 
 
 def test_moc_weight_is_finite_and_non_negative_over_the_whole_range():

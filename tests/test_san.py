@@ -1,4 +1,4 @@
-"""SAN's module and regularisers against hand-built cases (spec §3.11), its insertion at named stages, and
+"""SAN's module and regularisers against hand-built cases, its insertion at named stages, and
 the supervised / pseudo-label glue of `MetricLearning`."""
 import copy
 import math
@@ -149,7 +149,7 @@ def test_unknown_stage_names_the_valid_ones():
     ("resnet18", "layer4", "layer3", 64, 3),
 ])
 def test_right_before_global_pooling_san_is_a_no_op_and_earlier_it_is_not(name, last, earlier, size, in_chans):
-    """GAP of a doubly stochastic re-arrangement is GAP of the input (spec P1), so SAN must have
+    """GAP of a doubly stochastic re-arrangement is GAP of the input, so SAN must have
     convolutions after it. A random (non-identity) Φ, Sinkhorn run to convergence."""
     torch.manual_seed(0)
     x = torch.randn(4, in_chans, size, size)

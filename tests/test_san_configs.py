@@ -1,5 +1,5 @@
-"""Every SAN config parses to the SAN module with the spec's values; the supervised family alone reveals the
-training labels, the unsupervised one runs on k-means pseudo labels; the baseline and the §8 ablation rows
+"""Every SAN config parses to the SAN module with the paper's values; the supervised family alone reveals the
+training labels, the unsupervised one runs on k-means pseudo labels; the baseline and the ablation rows
 parse from the command line."""
 from pathlib import Path
 
@@ -54,7 +54,7 @@ def test_every_san_config_parses_with_its_label_source(parser, name):
         assert model.loss == "ms" and model.memory_weight == 1.0
         assert model.optim.name == "adam" and model.optim.weight_decay == 5e-4  # [D]
     if not name.startswith("digits") and model.memory_weight:
-        # san.md §3.9 / docs/methods/san.md: "contrastive-based loss [126]" = CBML, its variance averaged
+        # docs/methods/san.md: "contrastive-based loss [126]" = CBML, its variance averaged
         assert (model.memory_loss, model.cbml_variance) == ("cbml", "mean")
     if name == "inshop":
         assert cfg.evaluation.recall_ks == [1, 10, 20, 30, 40, 50]

@@ -180,7 +180,7 @@ def test_the_lr_warmup_runs_in_phase_0_only():
 
 
 def test_a_split_seed_of_none_is_the_run_seed(monkeypatch):
-    """Spec §6: one seed changes the labeled subset and the initialisation (semi configs: split_seed null)."""
+    """One seed changes the labeled subset and the initialisation (semi configs: split_seed null)."""
     def labeled(**kwargs) -> list[int]:
         return DigitsDataModule(protocol="semi", labels_per_class=5, **kwargs).labeled_indices.tolist()
 

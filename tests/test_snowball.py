@@ -34,7 +34,7 @@ def test_snowball_digits_cli_lowers_the_error(tmp_path):
 
 @pytest.mark.parametrize("config", ["digits", "digits-supervised"])
 def test_the_run_seed_draws_the_labeled_set(tmp_path, monkeypatch, config):
-    """Spec §6: --seed_everything alone changes the labels and the initialisation of a semi run."""
+    """--seed_everything alone changes the labels and the initialisation of a semi run."""
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
 
     def labeled(seed: int) -> list[int]:

@@ -76,7 +76,7 @@ def test_feature_similarity_loss_squared_and_plain_norm_hand_computed():
 
 
 def test_feature_loss_defaults_to_the_dissertations_plain_norm():
-    """L_F = mean ‖F − F'‖ (§4.3.1), unsquared, in the function and in the module."""
+    """L_F = mean ‖F − F'‖ (docs/methods/tac_ccl.md), unsquared, in the function and in the module."""
     a, b = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.6, 0.8], [0.0, 1.0]])
     assert feature_similarity_loss(a, b).item() == pytest.approx(math.sqrt(0.8) / 2)
     assert TACCCL(backbone="small_cnn", in_chans=1, embedding_dim=8).feature_loss == "norm"
@@ -363,5 +363,5 @@ def test_googlenet_batchnorm_stays_frozen_across_a_fit_with_validation():
     assert probe.modes == [False, False]  # the second batch comes after a validation loop's train() call
     for bn, (mean, var, weight) in zip(bns, before):
         assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
-        assert not torch.equal(bn.weight, weight)  # statistics frozen, affine parameters train (spec §2.2)
+        assert not torch.equal(bn.weight, weight)  # statistics frozen, affine parameters train
     assert not torch.equal(model.attention.spatial.weight, attention_before)  # the rest trained

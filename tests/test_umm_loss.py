@@ -1,4 +1,4 @@
-"""UMM's pure pieces against independent computations (spec §12): Eq. 5-7 by explicit sums, the KL by
+"""UMM's pure pieces against independent computations: Eq. 5-7 by explicit sums, the KL by
 torch.distributions, histogram AP by brute-force ranking, and gradients through the sampling."""
 import math
 from pathlib import Path
@@ -132,7 +132,7 @@ def test_histogram_ap_is_exact_ap_on_distinct_bin_centres_of_a_fine_histogram():
 
 
 def dense_reference_loss(z1, z2, bins):
-    """The spec's §3.6 formula with the full (M, M, B + 1) triangular-kernel tensor, both views pooled."""
+    """L_R (Eqs. 11-12) with the full (M, M, B + 1) triangular-kernel tensor, both views pooled."""
     items = torch.cat([z1, z2]).flatten(0, 1).double()
     n, k = z1.shape[:2]
     instance = torch.arange(n).repeat_interleave(k).repeat(2)

@@ -7,7 +7,7 @@ rank 0 and its accuracy is broadcast. They run in the random-init pass (`initial
 that ends training (`final`) and, with `every_n_epochs`, every N epochs.
 
 features: "embedding" (the evaluated embedding, e.g. ISIF's 128-d l2-normalised vector) or "backbone" (the
-pooled trunk output before the head: MoCo's frozen-backbone probe, ISIF A9's pooled conv5 features).
+pooled trunk output before the head: MoCo's frozen-backbone probe, ISIF's pooled conv5 features).
 """
 from __future__ import annotations
 

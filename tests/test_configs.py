@@ -290,7 +290,7 @@ PAPER_VALUES = {
     "isif/cub": {**ISIF_FINE, "trainer.callbacks.NearestNeighbourPositives.probability": 0.5},
     "isif/cars": ISIF_FINE,
     "isif/sop": {**ISIF_FINE, "evaluation.recall_ks": [1, 10, 100]},
-    # from scratch: the seen recipe (A11) with the decay at 60% / 80% of training, batch 64
+    # from scratch: the seen recipe [R] with the decay at 60% / 80% of training, batch 64
     "isif/sop-resnet18": {**ISIF, "model.backbone": "resnet18", "model.optim.lr": 0.03, "data.batch_size": 64,
                           "model.schedule.name": "step", "model.schedule.milestones": [60, 80],
                           "model.schedule.factors": [0.1, 0.01], "trainer.max_epochs": 100},

@@ -289,8 +289,8 @@ def lmcs_table_rows():
     from experiments.reproduce import CONFIGS, TABLES, load_table, row_config
 
     for path in sorted(TABLES.glob("lmcs-table3.*.yaml")):
-        if path.stem.endswith("-digits"):
-            continue  # the digits table pairs MixMatch and LMCS on one budget: no paper length applies
+        if path.stem.endswith(("-digits", "-cpu")):
+            continue  # the digits and CPU effect tables pair MixMatch and LMCS on one budget: no paper length
         table = load_table(path)
         for row in table.rows:
             config = yaml.safe_load((CONFIGS / row_config(table, row)).read_text())

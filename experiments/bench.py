@@ -965,7 +965,7 @@ def _isif_step(variant: str, size: StepSize, device: torch.device | None = None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

@@ -941,7 +941,7 @@ class StepSize:
     budget: int  # the run length a one-off cost (compilation) is weighed against
 
 
-STEP_FULL = StepSize("small_cnn", 32, 128, rounds=15, budget=400)  # the effect tables: 4 x 100 steps of 128
+STEP_FULL = StepSize("small_cnn", 32, 128, rounds=5, budget=400)  # the effect tables: 4 x 100 steps of 128
 STEP_QUICK = StepSize("small_cnn", 16, 8, rounds=2, budget=400)
 STEP_VARIANTS = ("bare fp32", "channels_last", "bf16 autocast", "torch.compile")
 
@@ -1001,7 +1001,7 @@ def bench_cpu_step(quick: bool = False) -> str:
         pays = (f"{overhead / saved:,.0f} steps" if saved > 0 else "never") if variant != "bare fp32" else "-"
         rows.append(f"| {variant} | {2 * size.batch / r['step']:,.0f} | {bare / r['step']:.2f} | "
                     f"{r['first']:.2f} | {pays} |")
-    data_size = DataSize(1_024 if quick else 4_096, size.batch, 3 if quick else 20, 1 if quick else 3, size.backbone)
+    data_size = DataSize(1_024 if quick else 2_048, size.batch, 3 if quick else 8, 1 if quick else 2, size.backbone)
     workers = min(2, os.cpu_count() or 1)
     data_rows = []
     for name, resident, loader_workers in (("DataLoader + PIL", False, workers), ("device-resident", True, 0)):

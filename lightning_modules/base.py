@@ -175,13 +175,23 @@ class NonFiniteLoss:
         return int(step), int(epoch), loss if mine == step else float("nan")
 
 
+def channels_last_by_default(device: torch.device, in_chans: int, image_size: int | None) -> bool:
+    """NHWC where it was measured to win with the same values (float rounding aside): any run on a CUDA GPU
+    (tensor-core convolutions), and a CPU run on RGB images of 32 px or more (`make bench` cpu_step: the effect
+    tables' small_cnn step at 32 px, batch 128, 1.11-1.12x on 2 cores). Smaller or grey images (digits) keep
+    NCHW: not measured there."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and in_chans == 3 and image_size is not None and image_size >= 32
+
+
 class EmbeddingModule(L.LightningModule):
     """Backbone -> EmbeddingHead (L2-normalised). Subclasses implement `training_step` only.
 
     `ema_pairs` lists (target, source) attribute names that the base moves by EMA after every
     optimizer step with `ema_decay`; the evaluation embedding is `embed()`.
     channels_last: backbone weights and image inputs in NHWC (faster convolutions under GPU autocast); None
-      (the default): on when the run trains on a CUDA GPU, off on the CPU (see `use_channels_last`).
+      (the default): `channels_last_by_default` decides from the run's device and images.
     compile: `torch.compile` the backbone in place (`nn.Module.compile`: parameter names, checkpoints and
       EMA pairs are unchanged) with `compile_backend`; the first steps pay the compilation.
     """
@@ -272,8 +282,10 @@ class EmbeddingModule(L.LightningModule):
         """Hand the datamodule the input normalisation the backbone's weights expect, before any loader
         is built (Lightning calls this after the datamodule's setup, before callbacks or loops ask for a
         loader); from-scratch backbones leave the dataset's statistics alone. channels_last=None turns NHWC
-        on for a run on a CUDA GPU (Lightning moves the module there after this hook)."""
-        if self.hparams.channels_last is None and self.trainer.strategy.root_device.type == "cuda":
+        on where `channels_last_by_default` says (Lightning moves the module to its device after this hook)."""
+        if self.hparams.channels_last is None and channels_last_by_default(
+                self.trainer.strategy.root_device, self.hparams.in_chans,
+                getattr(self.trainer.datamodule, "image_size", None)):
             self.use_channels_last()
         if self.trunk.input_mean is None:
             return

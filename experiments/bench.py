@@ -334,8 +334,8 @@ def _floor_table(quick: bool) -> list[str]:
             *(_floor_row(n, dim, repeats) for n, dim in (FLOOR_QUICK if quick else FLOOR_SIZES)), "",
             (f"Recall@K beside one busy process (`python -c 'while True: pass'`), medians of {repeats} interleaved "
              f"runs, {torch.get_num_threads()} torch threads; the evaluator must stay within 1.5x of the floor:"), "",
-            "| N x D | ours, quiet (s) | floor, quiet (s) | ours / floor | ours, busy (s) | floor, busy (s) | "
-            "ours / floor, busy |", "|---|---|---|---|---|---|---|",
+            ("| N x D | ours, quiet (s) | floor, quiet (s) | ours / floor | ours, busy (s) | floor, busy (s) | "
+             "ours / floor, busy |"), "|---|---|---|---|---|---|---|",
             contention_row(*(FLOOR_QUICK if quick else FLOOR_SIZES)[0], repeats)]
 
 

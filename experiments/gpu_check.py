@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-CIFAR_STEP = dict(backbone="cifar_resnet18", image=32, batch=128, rounds=10, budget=400)
+CIFAR_STEP = {"backbone": "cifar_resnet18", "image": 32, "batch": 128, "rounds": 10, "budget": 400}
 
 
 def cpu_fallbacks(where: dict[str, object]) -> list[str]:
@@ -68,7 +68,7 @@ def main() -> int:
             views = dm.on_after_batch_transfer({k: v.to(device) if torch.is_tensor(v) else v for k, v in
                                                 next(iter(dm.train_dataloader())).items()}, 0)["views"]
             where["device augmentation"] = views[0].device
-            syncs = host_syncs_in(lambda: dm.device_train(dm._resident[:128], torch.rand(
+            syncs = host_syncs_in(lambda dm=dm: dm.device_train(dm._resident[:128], torch.rand(
                 128, dm.device_train.draws, device=device)))
             print(f"device augmentation of 128 images: {syncs} synchronising CUDA calls")
             where["augmentation without host syncs"] = device if syncs == 0 else torch.device("cpu")

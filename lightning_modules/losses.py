@@ -52,7 +52,7 @@ def multi_similarity_loss(query: torch.Tensor, query_labels: torch.Tensor, keys:
     The library's per-anchor math is called below its `forward`, whose guard returns a zero loss whenever at
     most one positive and one negative pair were mined: a real anchor pair would train nothing.
     """
-    losses, miners = _multi_similarity()
+    losses, _ = _multi_similarity()
     loss = losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=threshold)
     sim = loss.distance(query, query if keys is None else keys)
     if exclude is not None:

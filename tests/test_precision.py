@@ -108,7 +108,7 @@ def test_channels_last_by_default_where_it_was_measured_to_win(device, in_chans,
     an explicit false stays off."""
     from types import SimpleNamespace
 
-    conv = lambda m: [c for c in m.trunk.modules() if isinstance(c, torch.nn.Conv2d)][-1]  # noqa: E731
+    conv = lambda m: [c for c in m.trunk.modules() if isinstance(c, torch.nn.Conv2d)][-1]
     for channels_last, expected in ((None, nhwc), (False, False)):
         model = ISIF(backbone="small_cnn", in_chans=in_chans, embedding_dim=16, channels_last=channels_last)
         model._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)),

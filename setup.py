@@ -42,7 +42,7 @@ def has_gpu() -> bool:
     if shutil.which("nvidia-smi") is None:
         return False
     try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.SubprocessError):
         return False
     return listed.returncode == 0 and "GPU" in listed.stdout

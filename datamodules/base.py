@@ -284,7 +284,9 @@ class EmbeddingDataModule(L.LightningDataModule):
       device_resident: the fast path: the decoded training split is held on the training device as one uint8
         tensor and the train preset runs batched there (datamodules/device_augment.py); loaders carry only
         indices and per-sample uniforms. For the in-memory datasets (digits, CIFAR, STL-10, SVHN) at their
-        native size; the eval loaders are unchanged.
+        native size; the eval loaders are unchanged. None (the default): on for a run on a CUDA GPU where the
+        path applies (`resident_path_applies`), off on the CPU, where the network, not the data, is the
+        bottleneck and the PIL path's workers run beside it (`make bench` cpu_step).
       resize_size: the side the resizing presets resize to before cropping image_size (None: 256 at the
         papers' 224/227, else round(image_size * 256 / 224); see datamodules/transforms.py).
     """
@@ -323,7 +325,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         verify_images: bool = False,
         allow_partial: bool = False,
         resize_size: int | None = None,
-        device_resident: bool = False,
+        device_resident: bool | None = None,
     ):
         super().__init__()
         if protocol not in self.protocols:
@@ -395,6 +397,30 @@ class EmbeddingDataModule(L.LightningDataModule):
             self._label_table = np.empty(len(targets), dtype=np.int64)
             self._restore_drawn_labels(targets)
         self.splits = splits
+        if self.device_resident is None:
+            self.resolve_device_resident()
+
+    def resolve_device_resident(self) -> None:
+        """device_resident=None becomes True for a run on a CUDA GPU when `resident_path_applies`, else False."""
+        trainer = getattr(self, "trainer", None)
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        self.device_resident = bool(on_gpu and self.resident_path_applies())
+        if self.device_resident:
+            self._build_transforms()
+
+    def resident_path_applies(self) -> bool:
+        """Whether the device path can run this dataset: its training split decoded into one uint8 array at the
+        network's image size, and a train preset with a batched form (datamodules/device_augment.py)."""
+        items = self.splits["train"].items
+        if not (isinstance(items, np.ndarray) and items.dtype == np.uint8 and items.ndim in (3, 4)):
+            return False
+        if tuple(items.shape[1:3]) != (self.image_size, self.image_size):
+            return False
+        try:
+            device_pipeline(self.train_transform, self.image_size)
+        except (ValueError, TypeError):
+            return False
+        return True
 
     def protocol_splits(self, records: dict[str, Records]) -> dict[str, Records]:
         """Map the reader's splits to the training set and the eval roles of the protocol."""

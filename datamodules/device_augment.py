@@ -74,7 +74,8 @@ def crop_boxes(u: torch.Tensor, height: int, width: int, scale: Sequence[float],
         fh, fw = height, round(height * max(ratio))
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=boxes.dtype, device=u.device)
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=boxes.dtype).to(
+        u.device, non_blocking=True)  # no host sync
     return torch.where(fits.any(1, keepdim=True), boxes, fallback).to(torch.float32)
 
 
@@ -127,7 +128,7 @@ def grayscale(x: torch.Tensor, pil_uint8: bool = False) -> torch.Tensor:
     convert("L") with `pil_uint8`."""
     if x.shape[1] == 1:
         return x
-    weights = torch.tensor(GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    weights = torch.tensor(GRAY, dtype=x.dtype).to(x.device, non_blocking=True).view(1, 3, 1, 1)  # no host sync
     gray = (x * weights).sum(1, keepdim=True)
     return (to_uint8_grid(gray) if pil_uint8 else gray).expand_as(x)
 
@@ -328,8 +329,8 @@ class DevicePipeline:
         host-to-device copy, which blocks on a GPU)."""
         cache = self.__dict__.setdefault("_normalization", {})
         if device not in cache:
-            cache[device] = (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
-                             torch.tensor(self.std, device=device).view(1, -1, 1, 1))
+            cache[device] = (torch.tensor(self.mean).to(device).view(1, -1, 1, 1),
+                             torch.tensor(self.std).to(device).view(1, -1, 1, 1))
         return cache[device]
 
 

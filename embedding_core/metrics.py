@@ -135,7 +135,7 @@ def run_blocks(block: Callable[..., None], blocks: list[tuple], buffer_elements:
                 return
             try:
                 block(*args, buffer)
-            except BaseException as err:  # re-raised in the caller
+            except Exception as err:  # noqa: BLE001 (re-raised in the caller)
                 errors.append(err)
 
     torch.set_num_threads(1)  # each worker's GEMMs on its own core; restored below

@@ -106,8 +106,9 @@ def _warn_cpu_build(faiss: ModuleType) -> None:
 
     from embedding_core.faiss_build import GPU_INSTALL, describe
 
-    warnings.warn(f"data on the GPU but {describe(faiss)}: faiss searches and clusters on the CPU; for the GPU "
-                  f"install `{GPU_INSTALL}`", stacklevel=3)
+    warnings.warn(f"data on the GPU but {describe(faiss)}: faiss cannot run there (its search goes through the "
+                  f"CPU; k-means takes torch's Lloyd on the GPU); for faiss on the GPU install `{GPU_INSTALL}`, or "
+                  "pass backend 'faiss-gpu' to refuse instead", stacklevel=3)
 
 
 _FAISS_GPU_MAX_K = 2048  # faiss GPU's largest k for a flat search; larger k searches on the CPU

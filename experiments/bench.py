@@ -334,8 +334,8 @@ def _floor_table(quick: bool) -> list[str]:
             *(_floor_row(n, dim, repeats) for n, dim in (FLOOR_QUICK if quick else FLOOR_SIZES)), "",
             (f"Recall@K beside one busy process (`python -c 'while True: pass'`), medians of {repeats} interleaved "
              f"runs, {torch.get_num_threads()} torch threads; the evaluator must stay within 1.5x of the floor:"), "",
-            "| N x D | ours, quiet (s) | floor, quiet (s) | ours / floor | ours, busy (s) | floor, busy (s) | "
-            "ours / floor, busy |", "|---|---|---|---|---|---|---|",
+            ("| N x D | ours, quiet (s) | floor, quiet (s) | ours / floor | ours, busy (s) | floor, busy (s) | "
+             "ours / floor, busy |"), "|---|---|---|---|---|---|---|",
             contention_row(*(FLOOR_QUICK if quick else FLOOR_SIZES)[0], repeats)]
 
 
@@ -941,35 +941,43 @@ class StepSize:
     budget: int  # the run length a one-off cost (compilation) is weighed against
 
 
-STEP_FULL = StepSize("small_cnn", 32, 128, rounds=15, budget=400)  # the effect tables: 4 x 100 steps of 128
+STEP_FULL = StepSize("small_cnn", 32, 128, rounds=5, budget=400)  # the effect tables: 4 x 100 steps of 128
 STEP_QUICK = StepSize("small_cnn", 16, 8, rounds=2, budget=400)
 STEP_VARIANTS = ("bare fp32", "channels_last", "bf16 autocast", "torch.compile")
 
 
-def _isif_step(variant: str, size: StepSize) -> Callable[[], float]:
-    """One ISIF training step (forward of both views, loss, backward, SGD) under `variant`, on a fixed batch."""
+def _isif_step(variant: str, size: StepSize, device: torch.device | None = None) -> Callable[[], float]:
+    """One ISIF training step (forward of both views, loss, backward, SGD) under `variant`, on a fixed batch
+    on `device` (default CPU). The step returns the loss (a host read: it also ends the step on a GPU)."""
     from lightning_modules.isif import ISIF, isif_loss
 
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
-    model = ISIF(backbone=size.backbone, channels_last=variant == "channels_last", compile=variant == "torch.compile")
+    model = ISIF(backbone=size.backbone, channels_last=variant == "channels_last",
+                 compile=variant == "torch.compile").to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
-    views = [torch.randn(size.batch, 3, size.image, size.image) for _ in range(2)]
+    views = [torch.randn(size.batch, 3, size.image, size.image, device=device) for _ in range(2)]
+    step_device[variant] = next(model.parameters()).device
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
             loss = isif_loss(*model.embed_views(views))["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
 
-def step_rates(size: StepSize, variants: tuple[str, ...] = STEP_VARIANTS) -> dict[str, dict[str, float]]:
+step_device: dict[str, torch.device] = {}  # where each variant's model last ran (gpu_check's fallback check)
+
+
+def step_rates(size: StepSize, variants: tuple[str, ...] = STEP_VARIANTS,
+               device: torch.device | None = None) -> dict[str, dict[str, float]]:
     """Per variant: the first step's seconds (compilation, allocator) and the median step of `rounds`, the
     variants interleaved step by step so that other processes' load falls on all of them alike."""
-    steps = {v: _isif_step(v, size) for v in variants}
+    steps = {v: _isif_step(v, size, device) for v in variants}
     first = {v: _timed(steps[v])[0] for v in variants}
     for v in variants:  # a second warm-up (compile's guards, the optimizer's state)
         steps[v]()
@@ -993,7 +1001,7 @@ def bench_cpu_step(quick: bool = False) -> str:
         pays = (f"{overhead / saved:,.0f} steps" if saved > 0 else "never") if variant != "bare fp32" else "-"
         rows.append(f"| {variant} | {2 * size.batch / r['step']:,.0f} | {bare / r['step']:.2f} | "
                     f"{r['first']:.2f} | {pays} |")
-    data_size = DataSize(1_024 if quick else 4_096, size.batch, 3 if quick else 20, 1 if quick else 3, size.backbone)
+    data_size = DataSize(1_024 if quick else 2_048, size.batch, 3 if quick else 8, 1 if quick else 2, size.backbone)
     workers = min(2, os.cpu_count() or 1)
     data_rows = []
     for name, resident, loader_workers in (("DataLoader + PIL", False, workers), ("device-resident", True, 0)):

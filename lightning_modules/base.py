@@ -176,12 +176,23 @@ class NonFiniteLoss:
         return int(step), int(epoch), loss if mine == step else float("nan")
 
 
+def channels_last_by_default(device: torch.device, in_chans: int, image_size: int | None) -> bool:
+    """NHWC where it was measured to win with the same values (float rounding aside): any run on a CUDA GPU
+    (tensor-core convolutions), and a CPU run on RGB images of 32 px or more (`make bench` cpu_step: the effect
+    tables' small_cnn step at 32 px, batch 128, 1.11-1.12x on 2 cores). Smaller or grey images (digits) keep
+    NCHW: not measured there."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and in_chans == 3 and image_size is not None and image_size >= 32
+
+
 class EmbeddingModule(L.LightningModule):
     """Backbone -> EmbeddingHead (L2-normalised). Subclasses implement `training_step` only.
 
     `ema_pairs` lists (target, source) attribute names that the base moves by EMA after every
     optimizer step with `ema_decay`; the evaluation embedding is `embed()`.
-    channels_last: backbone weights and image inputs in NHWC (faster convolutions under GPU autocast).
+    channels_last: backbone weights and image inputs in NHWC (faster convolutions under GPU autocast); None
+      (the default): `channels_last_by_default` decides from the run's device and images.
     compile: `torch.compile` the backbone in place (`nn.Module.compile`: parameter names, checkpoints and
       EMA pairs are unchanged) with `compile_backend`; the first steps pay the compilation.
     """
@@ -200,7 +211,7 @@ class EmbeddingModule(L.LightningModule):
         optim: Optim | None = None,
         schedule: Schedule | None = None,
         ema_decay: float = 0.999,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
     ):
@@ -213,11 +224,19 @@ class EmbeddingModule(L.LightningModule):
                                                  frozen_bn_affine=frozen_bn_affine)
         self.head = EmbeddingHead(feature_dim, embedding_dim)
         self._non_finite_loss = NonFiniteLoss()
-        if channels_last:  # every method's call of the trunk then gets NHWC inputs
-            self.trunk.to(memory_format=torch.channels_last)
-            self.trunk.register_forward_pre_hook(channels_last_inputs)
+        if channels_last:
+            self.use_channels_last()
         if compile:
             self.trunk.compile(backend=compile_backend)
+
+    def use_channels_last(self) -> None:
+        """Backbone weights in NHWC and a hook that gives every method's call of the trunk NHWC inputs (the
+        values are unchanged: the same results up to the kernels' float rounding). Once."""
+        if getattr(self, "_channels_last", False):
+            return
+        self._channels_last = True
+        self.trunk.to(memory_format=torch.channels_last)
+        self.trunk.register_forward_pre_hook(channels_last_inputs)
 
     # -- embedding ------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -261,7 +280,12 @@ class EmbeddingModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Hand the datamodule the input normalisation the backbone's weights expect, before any loader
         is built (Lightning calls this after the datamodule's setup, before callbacks or loops ask for a
-        loader); from-scratch backbones leave the dataset's statistics alone."""
+        loader); from-scratch backbones leave the dataset's statistics alone. channels_last=None turns NHWC
+        on where `channels_last_by_default` says (Lightning moves the module to its device after this hook)."""
+        if self.hparams.channels_last is None and channels_last_by_default(
+                self.trainer.strategy.root_device, self.hparams.in_chans,
+                getattr(self.trainer.datamodule, "image_size", None)):
+            self.use_channels_last()
         if self.trunk.input_mean is None:
             return
         dm = self.trainer.datamodule

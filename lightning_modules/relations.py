@@ -249,7 +249,7 @@ def relation_terms(module, views: list[Tensor], z1: Tensor, z2: Tensor, index: T
         exclude = index if relations.intra_exclude_self else None
         terms["intra"] = intra_relation_loss(*bank_logits, relations.intra_detach_target, exclude)
     if relations.inter_weight > 0:
-        partner = torch.as_tensor(rng.permutation(len(z1)), device=z1.device)
+        partner = torch.as_tensor(rng.permutation(len(z1))).to(z1.device, non_blocking=True)  # no host sync
         mixed_images, ratio = mix_images(views[0], views[1][partner], relations.mix, rng, relations.mix_alpha)
         mixed = module(mixed_images).float()
         target = interpolation_target(z1, z2[partner], ratio)

@@ -413,13 +413,13 @@ class ROUL(IndexedMemory, EmbeddingModule):
         if self.mv_weight:
             terms["mv"] = marginal_variance(z0, labels, self.mv_h)
             loss = loss + self.mv_weight * terms["mv"]
-        diagnostics = {k: torch.tensor(v, device=z0.device) for k, v in self.core_stats.items()}
+        diagnostics = {k: torch.tensor(v).to(z0.device, non_blocking=True) for k, v in self.core_stats.items()}
         orders = None
         if self.uses_orders:
             order = self.order_terms(z, u, labels, index, generator)
             terms.update({k: order[k] for k in ("roc", "moc", "order")})
             diagnostics.update({k: order[k] for k in ("order_accuracy", "order_pairs", "batch_core_share")})
-            diagnostics["roc_weight"] = torch.tensor(self.roc_weight_now(), device=z0.device)
+            diagnostics["roc_weight"] = torch.tensor(self.roc_weight_now()).to(z0.device, non_blocking=True)
             loss = (loss + self.roc_weight_now() * terms["roc"] + self.moc_weight * terms["moc"]
                     + self.order_weight * terms["order"])
             orders = order["orders"]

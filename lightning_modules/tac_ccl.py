@@ -219,7 +219,7 @@ def crop_around(points: Tensor, weights: Tensor, size: tuple[int, int], margin: 
     """(centre (B, 2), half side (B,)) of a square crop around the weighted points (their cells included),
     grown by `margin` per side, at least `min_crop` of the image side, kept inside; the whole image where
     no point has weight. Crop-frame point q is image point centre + half * q."""
-    half_cell = 1.0 / torch.tensor([size[1], size[0]], device=points.device, dtype=points.dtype)
+    half_cell = 1.0 / torch.tensor([size[1], size[0]], dtype=points.dtype).to(points.device, non_blocking=True)
     present = weights[..., None] > 0
     some = present.any(1)
     low = torch.where(some, torch.where(present, points, math.inf).amin(1) - half_cell, -1.0)
@@ -242,7 +242,7 @@ def offline_view(view: SecondView, offline: dict) -> SecondView:
     cross = offline["cross"].bool()
     pick = cross[:, None, None]
     affine = offline["cross_affine"].float()
-    bottom = torch.tensor([0.0, 0.0, 1.0], device=affine.device).expand(len(affine), 1, 3)
+    bottom = torch.tensor([0.0, 0.0, 1.0]).to(affine.device, non_blocking=True).expand(len(affine), 1, 3)
     points = offline["cross_points"].float()
     return SecondView(torch.where(pick[..., None], offline["cross_views"][:, 1], view.images),
                       torch.where(pick, torch.cat([affine, bottom], 1), view.homography), cross,

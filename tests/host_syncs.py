@@ -3,9 +3,11 @@
 A host sync is an op whose result the host must read before it can go on: `.item()`, `bool(t)` / `if t:`,
 `int(t)`, `float(t)` (all `aten._local_scalar_dense`), the ops whose output size depends on the data
 (`nonzero`, boolean-mask indexing, `masked_select`, `unique`, `repeat_interleave` without output_size,
-`bincount`), `torch.equal`, and copies to the host (`.cpu()`, `.numpy()`, `.tolist()`). `HostSyncs` sees the
-aten ops through a TorchDispatchMode (whatever Python or library code issues them) and the host copies
-through patched Tensor methods; `calls` lists (name, count) for the report of a failing test.
+`bincount`), `torch.equal`, copies to the host (`.cpu()`, `.numpy()`, `.tolist()`) and blocking copies from
+it (`torch.tensor(values, device=...)`: a pageable copy that waits for the GPU; build on the CPU and move
+with `.to(device, non_blocking=True)`). `HostSyncs` sees the aten ops through a TorchDispatchMode (whatever
+Python or library code issues them) and the copies through patched torch functions and Tensor methods;
+`calls` lists (name, count) for the report of a failing test.
 """
 from __future__ import annotations
 
@@ -84,9 +86,25 @@ class HostSyncs(TorchDispatchMode):
 
             setattr(torch.Tensor, method, counted)
 
+        for function in ("tensor", "as_tensor"):  # a Python value copied onto a named device
+            original = getattr(torch, function)
+            self._originals[f"torch.{function}"] = original
+
+            def to_device(data, *a, _original=original, _function=function, **k):
+                # a device named by the string "cpu" is the host on purpose (torch.optim's step counters)
+                if k.get("device") not in (None, "cpu") and not torch.is_tensor(data):
+                    self.calls[f"torch.{_function}(device=)"] += 1
+                    self.where[f"torch.{_function}(device=)", caller()] += 1
+                return _original(data, *a, **k)
+
+            setattr(torch, function, to_device)
+
     def _unpatch(self) -> None:
-        for method, original in self._originals.items():
-            setattr(torch.Tensor, method, original)
+        for name, original in self._originals.items():
+            if name.startswith("torch."):
+                setattr(torch, name[len("torch."):], original)
+            else:
+                setattr(torch.Tensor, name, original)
         self._originals.clear()
 
     def __enter__(self):

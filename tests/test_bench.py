@@ -89,3 +89,23 @@ def test_cpu_step_variants_time_their_own_switch():
                                                                           "bf16 autocast"))
     assert set(rates) == {"bare fp32", "channels_last", "bf16 autocast"}
     assert all(r["first"] > 0 and r["step"] > 0 for r in rates.values())
+
+
+def test_gpu_check_fails_on_any_path_that_ran_on_the_cpu():
+    import subprocess
+
+    import torch
+
+    from experiments import gpu_check
+
+    on_gpu = {"step bf16 autocast": torch.device("cuda", 0), "k-means labels": torch.device("cuda", 0),
+              "faiss": "faiss 1.9.0, GPU build (faiss-gpu-cu12), 1 GPU(s) visible"}
+    assert gpu_check.cpu_fallbacks(on_gpu) == []
+    fell_back = {**on_gpu, "resident images": torch.device("cpu"), "faiss": "faiss 1.9.0, CPU build (faiss-cpu)"}
+    assert sorted(gpu_check.cpu_fallbacks(fell_back)) == ["faiss: faiss 1.9.0, CPU build (faiss-cpu)",
+                                                          "resident images ran on cpu"]
+    two_copies = {"faiss": "faiss 1.9.0, GPU build (faiss-gpu-cu12); WARNING: 2 faiss distributions ..."}
+    assert len(gpu_check.cpu_fallbacks(two_copies)) == 1
+    assert subprocess.run(["bash", "-n", "experiments/gpu_check.sh"], check=False).returncode == 0
+    if not torch.cuda.is_available():
+        assert gpu_check.main() == 2  # no GPU: refused, not a CPU run that passes

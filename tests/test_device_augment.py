@@ -386,3 +386,23 @@ def test_the_device_pipeline_runs_without_a_host_sync_when_jitter_is_sync_free(m
     with HostSyncs() as syncs:
         assert torch.equal(pipeline(images, noise), views)
     assert syncs.calls["_local_scalar_dense"] > 0
+
+
+@pytest.mark.parametrize("device, options, resident", [
+    ("cuda", {}, True),  # digits at its native 8 px with a batched preset: the fast path on a GPU
+    ("cpu", {}, False),  # the CPU keeps the DataLoader + PIL path
+    ("cuda", {"image_size": 16}, False),  # not the native size: the standard path resizes
+    ("cuda", {"train_transform": "fine_grained", "resize_size": 9}, False),  # no batched form of the preset
+])
+def test_device_resident_by_default_where_it_applies_on_a_gpu(device, options, resident):
+    from types import SimpleNamespace
+
+    dm = DigitsDataModule(batch_size=32, num_workers=0, **options)
+    assert dm.device_resident is None
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    dm.setup("fit")
+    assert dm.device_resident is resident and (dm.device_train is not None) == resident
+    explicit = DigitsDataModule(batch_size=32, num_workers=0, device_resident=False)
+    explicit.trainer = dm.trainer
+    explicit.setup("fit")
+    assert explicit.device_resident is False

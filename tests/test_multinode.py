@@ -93,4 +93,4 @@ def test_the_slurm_script_documents_the_same_torchrun_launch():
                  "-m experiments.train fit", "--trainer.num_nodes", "--trainer.devices", "--trainer.strategy ddp",
                  "--run.dir"):
         assert flag in launch, flag
-    assert subprocess.run(["bash", "-n", "experiments/slurm_multinode.sh"]).returncode == 0
+    assert subprocess.run(["bash", "-n", "experiments/slurm_multinode.sh"], check=False).returncode == 0

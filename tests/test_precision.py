@@ -98,3 +98,21 @@ def test_precision_null_is_bf16_on_a_gpu_with_bf16_and_fp32_elsewhere():
     assert default_precision("auto", cuda=True, bf16=True) == "bf16-mixed"
     assert default_precision("gpu", cuda=True, bf16=False) == "32-true"  # V100-era GPUs: no bf16
     assert default_precision(None, cuda=True, bf16=True) == "bf16-mixed"
+
+
+@pytest.mark.parametrize("device, in_chans, size, nhwc", [("cuda", 1, 8, True), ("cpu", 3, 32, True),
+                                                        ("cpu", 1, 8, False), ("cpu", 3, 16, False)])
+def test_channels_last_by_default_where_it_was_measured_to_win(device, in_chans, size, nhwc):
+    """channels_last=None (the default) turns NHWC on in setup for a CUDA run and for a CPU run on RGB images of
+    32 px or more (the effect tables' step: 1.12x in `make bench` cpu_step); digits-size grey images keep NCHW;
+    an explicit false stays off."""
+    from types import SimpleNamespace
+
+    conv = lambda m: [c for c in m.trunk.modules() if isinstance(c, torch.nn.Conv2d)][-1]
+    for channels_last, expected in ((None, nhwc), (False, False)):
+        model = ISIF(backbone="small_cnn", in_chans=in_chans, embedding_dim=16, channels_last=channels_last)
+        model._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)),
+                                         datamodule=SimpleNamespace(image_size=size))
+        model.setup("fit")
+        assert conv(model).weight.is_contiguous(memory_format=torch.channels_last) == expected
+        assert model._forward_pre_hooks == {} and bool(model.trunk._forward_pre_hooks) == expected

@@ -861,6 +861,11 @@ class SuiteCLI(LightningCLI):
 def main(args=None) -> None:
     quiet_known_noise()
     SuiteCLI(args=args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # a process group left to interpreter exit can abort a rank there ("terminate called without an
+        # active exception") after the run has finished: close it while the peers are still up
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -205,6 +205,20 @@ def _positive_ranks(
     return unsorted
 
 
+def _searched_set(emb: Tensor, targets: Tensor, gallery_emb: Tensor | None,
+                  gallery_targets: Tensor | None) -> tuple[Tensor, Tensor, bool]:
+    """(gallery embeddings on the queries' device, gallery targets, leave_one_out) after the input checks:
+    the queries themselves when no gallery is given (leave-one-out), else the checked gallery."""
+    _check_pair("queries", emb, targets)
+    if (gallery_emb is None) != (gallery_targets is None):
+        raise ValueError("pass both gallery_emb and gallery_targets (query->gallery) or neither (leave-one-out)")
+    if gallery_emb is None:
+        return emb, targets, True
+    _check_pair("gallery", gallery_emb, gallery_targets)
+    _check_dims(emb, gallery_emb)
+    return gallery_emb.to(emb.device), gallery_targets, False
+
+
 def recall_at_k(
     emb: Tensor,
     targets: Tensor,
@@ -219,20 +233,9 @@ def recall_at_k(
     at K iff fewer than K negatives are strictly more similar than its most similar positive, so a
     positive-negative tie counts for the positive; a query with no positive always misses.
     """
-    _check_pair("queries", emb, targets)
-    if (gallery_emb is None) != (gallery_targets is None):
-        raise ValueError(
-            "pass both gallery_emb and gallery_targets (query->gallery) or neither (leave-one-out)"
-        )
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty list of positive ints, got {list(ks)}")
-    leave_one_out = gallery_emb is None
-    if leave_one_out:
-        gallery_emb, gallery_targets = emb, targets
-    else:
-        _check_pair("gallery", gallery_emb, gallery_targets)
-        _check_dims(emb, gallery_emb)
-        gallery_emb = gallery_emb.to(emb.device)
+    gallery_emb, gallery_targets, leave_one_out = _searched_set(emb, targets, gallery_emb, gallery_targets)
     ranks, has_positive = _positive_ranks(
         emb, targets.to(emb.device), gallery_emb, gallery_targets.to(emb.device), leave_one_out
     )
@@ -256,13 +259,7 @@ def map_at_r(
     top-(max R) search (`search.topk_search`, the kNN's) serves both: on one CPU thread about Recall@K's own
     cost at CUB (0.6 s) and SOP size (14 s); classes of 1,000 test images (CIFAR-10) need a top-999 search (3 s).
     """
-    _check_pair("queries", emb, targets)
-    leave_one_out = gallery_emb is None
-    if leave_one_out:
-        gallery_emb, gallery_targets = emb, targets
-    else:
-        _check_pair("gallery", gallery_emb, gallery_targets)
-        _check_dims(emb, gallery_emb)
+    gallery_emb, gallery_targets, leave_one_out = _searched_set(emb, targets, gallery_emb, gallery_targets)
     query_y = targets.long().cpu()
     gallery_y = gallery_targets.long().cpu()
     classes, counts = torch.unique(gallery_y, return_counts=True)

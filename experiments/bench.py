@@ -11,7 +11,7 @@ import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -887,9 +887,9 @@ def _kmeans_row(size: KMeansSize, method: str, seed_s: float, lloyd_s: float, in
             f"| {lloyd_s:.2f} | {seed_s + lloyd_s:.2f} | {inertia:.1f} | {nmi:.2f} |")
 
 
-def _kmeans_rows(size: KMeansSize) -> list[str]:
+def _kmeans_rows(size: KMeansSize) -> Iterator[str]:
     """One run (restarts = 1, the pseudo-label configs') per seeding on the same data: seeding and Lloyd
-    seconds, inertia and NMI against the classes."""
+    seconds, inertia and NMI against the classes, a row as each run ends (a long run shows what it has)."""
     x, targets = labelled_clusters(size)
     k = size.clusters
     run_lloyd = search.lloyd_for(x.device)
@@ -900,15 +900,13 @@ def _kmeans_rows(size: KMeansSize) -> list[str]:
         (f"greedy k-means++ ({search.greedy_trials(k)} draws, the default)",
          lambda g: search.kmeans_plus_plus(x, k, g)),
     ]
-    rows = []
     for name, seeder in seeders:
         seed_s, seeds = _timed(lambda seeder=seeder: seeder(torch.Generator(device=x.device).manual_seed(0)))
         lloyd_s, (labels, inertia) = _timed(lambda seeds=seeds: run_lloyd(x, seeds, size.iterations))
-        rows.append(_kmeans_row(size, f"{name} + {where}", seed_s, lloyd_s, inertia, targets, labels))
+        yield _kmeans_row(size, f"{name} + {where}", seed_s, lloyd_s, inertia, targets, labels)
     seed_s, lloyd_s, fitted = _sklearn_kmeans_plus_plus(x, size)
-    rows.append(_kmeans_row(size, "scikit-learn (greedy k-means++ + its Lloyd)", seed_s, lloyd_s,
-                            fitted.inertia_, targets, fitted.labels_))
-    return rows
+    yield _kmeans_row(size, "scikit-learn (greedy k-means++ + its Lloyd)", seed_s, lloyd_s,
+                      fitted.inertia_, targets, fitted.labels_)
 
 
 def bench_kmeans(quick: bool = False, sizes: tuple[KMeansSize, ...] | None = None) -> str:

@@ -377,7 +377,7 @@ def kmeans(
       on a GPU that faiss cannot use. On 10 separated clusters one run finds them all. The seeding is
       K sequential steps, each reading x once for N d (2 + ln K) multiply-adds: the flops of 2 + ln K
       Lloyd passes (11 at K = 10,000), at the speed of a skinny product rather than a full GEMM. ``make bench --only kmeans`` times
-      it against Lloyd's iterations and scikit-learn (which seeds the same way at the same cost).
+      it against Lloyd's iterations and scikit-learn (which seeds the same way; docs/kmeans.md has the figures).
     - ``"random"``: K random points as seeds (faiss's own k-means on the faiss backend). It is cheaper
       to seed, but it rarely hits every cluster: 10 random draws cover 10 equal clusters with
       probability 10!/10^10 (0.04 %), Lloyd's iterations seldom pull a merged pair apart, and restarts

@@ -18,6 +18,10 @@ Protocols:
 and hyperparameters can be chosen without seeing the test split: that many train images of every
 evaluated class (seen/semi: every class, then left out of training; unseen: the held-out classes, never
 trained on), drawn with `validation_seed`.
+`train_per_class` > 0 trains on that many images of every training class, drawn with `train_subset_seed`
+(fixed across run seeds: the subset is part of the budget, not of the seed), after the validation split is
+held out: a CPU-budget study that should see each image several times (a memory bank rewritten every pass)
+trains on a subset rather than on a fraction of one pass. The seen protocol's kNN reference is that subset.
 """
 from __future__ import annotations
 
@@ -80,16 +84,18 @@ def decode_folder(folder: Path, classes: tuple[str, ...], size: int = 32) -> Rec
     return Records(items, np.asarray(targets, dtype=np.int64))
 
 
-def hold_out(records: Records, per_class: int, seed: int) -> tuple[Records, Records]:
+def hold_out(records: Records, per_class: int, seed: int, setting: str = "validation_per_class"
+             ) -> tuple[Records, Records]:
     """(rest, held): `per_class` images of every class drawn with `seed` into `held`, order kept on both
-    sides. A class with no more than `per_class` images is an error naming the fix."""
+    sides. A class with no more than `per_class` images is an error naming the fix (`setting` is the
+    option that asked for them)."""
     rng = np.random.default_rng(seed)
     held = []
     for c in np.unique(records.targets):
         members = np.flatnonzero(records.targets == c)
         if len(members) <= per_class:
             raise ValueError(f"class {c} has {len(members)} training images, not more than "
-                             f"validation_per_class={per_class}; lower --data.validation_per_class")
+                             f"{setting}={per_class}; lower --data.{setting}")
         held.append(rng.choice(members, per_class, replace=False))
     mask = np.zeros(len(records), dtype=bool)
     mask[np.concatenate(held)] = True
@@ -102,6 +108,8 @@ class CIFAR10DataModule(EmbeddingDataModule):
     download: fetch the official archive into root with torchvision's downloader when it is missing.
     validation_per_class: evaluate on that many held-out train images per class instead of the test split
     (0: the test split); validation_seed draws them.
+    train_per_class: train on that many images of every training class (0: all of them); train_subset_seed
+    draws them.
     """
 
     name = "CIFAR-10"
@@ -119,13 +127,18 @@ class CIFAR10DataModule(EmbeddingDataModule):
     label_key = "labels"
 
     def __init__(self, root: str | None = None, image_size: int = 32, download: bool = False,
-                 validation_per_class: int = 0, validation_seed: int = 0, **kwargs):
+                 validation_per_class: int = 0, validation_seed: int = 0, train_per_class: int = 0,
+                 train_subset_seed: int = 0, **kwargs):
         super().__init__(root=root, image_size=image_size, **kwargs)
         if validation_per_class < 0:
             raise ValueError(f"validation_per_class={validation_per_class}: use 0 (evaluate on the test "
                              "split) or a positive count of held-out train images per class")
+        if train_per_class < 0:
+            raise ValueError(f"train_per_class={train_per_class}: use 0 (train on every image) or a positive "
+                             "count of train images per class")
         self.download = download
         self.validation_per_class, self.validation_seed = validation_per_class, validation_seed
+        self.train_per_class, self.train_subset_seed = train_per_class, train_subset_seed
 
     def image_folders(self) -> Path | None:
         """root when it holds train/ and test/ class folders (the image-folder layout), else None."""
@@ -173,11 +186,17 @@ class CIFAR10DataModule(EmbeddingDataModule):
             train_classes, test_classes = range(half), range(half, self.class_count)
             if self.validation_per_class:
                 _, test = hold_out(train.by_class(test_classes), self.validation_per_class, self.validation_seed)
-                return {"train": train.by_class(train_classes), "query": test}
-            return {"train": train.by_class(train_classes), "query": test.by_class(test_classes)}
+                return {"train": self.subset(train.by_class(train_classes)), "query": test}
+            return {"train": self.subset(train.by_class(train_classes)), "query": test.by_class(test_classes)}
         if self.validation_per_class:
             train, test = hold_out(train, self.validation_per_class, self.validation_seed)
-        return super().protocol_splits({"train": train, "test": test})
+        return super().protocol_splits({"train": self.subset(train), "test": test})
+
+    def subset(self, train: Records) -> Records:
+        """`train_per_class` images of every class of `train` (all of them at 0), order kept."""
+        if not self.train_per_class:
+            return train
+        return hold_out(train, self.train_per_class, self.train_subset_seed, "train_per_class")[1]
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

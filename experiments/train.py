@@ -460,12 +460,14 @@ def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: list(value) if isinstance(value, tuple) else value}  # YAML gives lists, code tuples
 
 
+UNSET = "<unset>"  # a setting one side of a comparison does not have
+
+
 def setting_changes(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, this run's value) for every setting that differs."""
     old, new = flat_settings(saved), flat_settings(current)
-    missing = "<unset>"
-    return [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
-            if k and old.get(k, missing) != new.get(k, missing)]
+    return [(k, old.get(k, UNSET), new.get(k, UNSET)) for k in sorted(old.keys() | new.keys())
+            if k and old.get(k, UNSET) != new.get(k, UNSET)]
 
 
 def resumed_param_groups(saved: list[dict], fresh: list[dict]) -> list[dict]:
@@ -489,7 +491,8 @@ def resumed_param_groups(saved: list[dict], fresh: list[dict]) -> list[dict]:
 # DataModule settings that decide what the metrics measure: the dataset, the split and the eval images. A
 # resume that changes one would put a `final` beside an `initial` and `best` of another protocol.
 DATA_SETTINGS_OF_THE_METRICS = ("class_path", "protocol", "split_seed", "test_fraction", "train_classes",
-                                "image_size", "resize_size", "eval_transform")
+                                "image_size", "resize_size", "eval_transform", "validation_per_class",
+                                "validation_seed", "train_per_class", "train_subset_seed")
 
 
 def data_settings(data_cfg) -> dict[str, Any]:
@@ -501,9 +504,10 @@ def data_settings(data_cfg) -> dict[str, Any]:
 
 
 def incomparable_data_changes(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
-    """The changes among DATA_SETTINGS_OF_THE_METRICS between a checkpoint's data settings and this run's."""
+    """The changes among DATA_SETTINGS_OF_THE_METRICS between a checkpoint's data settings and this run's. A
+    setting the checkpoint does not have (it predates the setting) is not a change."""
     return [(k, old, new) for k, old, new in setting_changes(saved, current)
-            if k.split(".", 1)[0] in DATA_SETTINGS_OF_THE_METRICS]
+            if k.split(".", 1)[0] in DATA_SETTINGS_OF_THE_METRICS and old != UNSET]
 
 
 class CommandLineWinsOnResume(Callback):

@@ -117,6 +117,25 @@ def test_cifar10_validation_split_holds_out_train_images_and_never_the_test_spli
         setup(CIFAR10DataModule(root=root, validation_per_class=4, allow_partial=True))
 
 
+def test_cifar10_train_subset_is_fixed_per_class_and_leaves_the_evaluation_images_alone(tmp_path):
+    root = str(F.write_cifar10_folders(tmp_path, per_class=4, test_per_class=2))
+    full = setup(CIFAR10DataModule(root=root, validation_per_class=1, allow_partial=True))
+    sub = setup(CIFAR10DataModule(root=root, validation_per_class=1, train_per_class=2, allow_partial=True))
+    train = sub.splits["train"]
+    assert np.bincount(train.targets).tolist() == [2] * 10 and sub.splits["reference"] is train
+    assert {x.tobytes() for x in train.items} < {x.tobytes() for x in full.splits["train"].items}
+    np.testing.assert_array_equal(sub.splits["query"].items, full.splits["query"].items)  # same validation images
+    other = setup(CIFAR10DataModule(root=root, validation_per_class=1, train_per_class=2, train_subset_seed=1,
+                                    allow_partial=True))
+    assert not np.array_equal(other.splits["train"].items, train.items)
+    unseen = setup(CIFAR10DataModule(root=root, protocol="unseen", train_per_class=1, allow_partial=True))
+    assert unseen.splits["train"].targets.tolist() == list(range(5)) and len(unseen.splits["query"]) == 10
+    with pytest.raises(ValueError, match="lower --data.train_per_class"):
+        setup(CIFAR10DataModule(root=root, validation_per_class=1, train_per_class=3, allow_partial=True))
+    with pytest.raises(ValueError, match="train_per_class=-1"):
+        CIFAR10DataModule(root=root, train_per_class=-1)
+
+
 def test_cifar10_image_folders_name_missing_classes(tmp_path):
     root = F.write_cifar10_folders(tmp_path, per_class=1, test_per_class=1)
     (root / "test" / "truck").rename(root / "test" / "lorry")

@@ -87,6 +87,17 @@ def test_setting_changes_lists_nested_differences_only():
                                          ("weights", None, "<unset>")]
 
 
+def test_a_changed_evaluation_set_is_incomparable_and_a_setting_the_checkpoint_predates_is_not():
+    from experiments.train import incomparable_data_changes
+
+    saved = {"class_path": "CIFAR10DataModule", "protocol": "seen", "validation_per_class": 0, "batch_size": 64}
+    assert incomparable_data_changes(saved, {**saved, "validation_per_class": 500, "batch_size": 32}) == [
+        ("validation_per_class", 0, 500)]
+    assert incomparable_data_changes(saved, {**saved, "train_per_class": 0}) == []  # older checkpoint
+    assert incomparable_data_changes({**saved, "train_per_class": 0}, {**saved, "train_per_class": 500}) == [
+        ("train_per_class", 0, 500)]
+
+
 @dataclass
 class Knobs:
     lr: float = 0.1

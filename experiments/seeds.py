@@ -23,16 +23,18 @@ import time
 from pathlib import Path
 
 CONFIGS = "experiments/configs"
-METHODS = ("isif", "umm", "tac_ccl", "snowball", "roul", "san", "san_unsupervised", "lmcs", "lmcs_mixmatch",
-           "eir")
+METHODS = ("isif", "umm", "tac_ccl", "snowball", "snowball_supervised", "roul", "san", "san_unsupervised", "lmcs",
+           "lmcs_mixmatch", "eir")
 # a method whose digits config is not <method>/digits.yaml: (config folder, variant)
-CONFIG_OF = {"san_unsupervised": ("san", "unsupervised"), "lmcs_mixmatch": ("lmcs", "mixmatch")}
+CONFIG_OF = {"san_unsupervised": ("san", "unsupervised"), "lmcs_mixmatch": ("lmcs", "mixmatch"),
+             "snowball_supervised": ("snowball", "supervised")}
 # metrics read per method; `val/error` is better when lower
 METRICS = {
     "isif": ("val/knn_top1", "val/recall@1", "val/nmi"),
     "umm": ("val/knn_top1", "val/recall@1", "val/nmi"),
     "tac_ccl": ("val/recall@1", "val/recall@8", "val/nmi"),
     "snowball": ("val/error",),
+    "snowball_supervised": ("val/error",),
     "roul": ("val/nmi", "val/recall@1", "val/recall@1_refined", "val/recall@2", "val/recall@2_refined"),
     "san": ("val/knn_top1", "val/recall@1", "val/nmi"),
     "san_unsupervised": ("val/knn_top1", "val/recall@1", "val/nmi"),
@@ -56,6 +58,7 @@ TEST_BUDGET = {
     "snowball": ["--trainer.max_epochs=2", "--model.init_args.curriculum.phase0_epochs=1",
                  "--model.init_args.curriculum.iteration_epochs=1", "--model.init_args.curriculum.generations=1",
                  "--model.init_args.curriculum.iterations=1"],
+    "snowball_supervised": ["--trainer.max_epochs=2"],  # Snowball's test length, for its baseline
     "roul": ["--trainer.check_val_every_n_epoch=6", "--data.num_workers=0"],
     "san": ["--trainer.max_epochs=1", "--evaluation.kmeans_restarts=1", "--data.num_workers=0"],
     "san_unsupervised": ["--trainer.max_epochs=2", "--evaluation.kmeans_restarts=1", "--data.num_workers=0"],

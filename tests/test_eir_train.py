@@ -12,8 +12,9 @@ from tests.learning import assert_finite, assert_gains, assert_logged, best_of, 
 # +12.6 / +13.6 / +13.5 / +20.0 / +6.2 over the random init; the margin sits under the worst seed. kNN
 # top-1 is not asserted against the init: at 6 epochs the bank, written once per epoch from random unit rows,
 # still holds kNN below the random-init network's on four seeds (59-72 against 70-73); the shipped 30 epochs
-# pass it. The network after one training step (`--budget one_step`, measured before greedy k-means++) was below the random
-# init on every seed (NMI 23.3-29.5 against 34.4-44.6), so the random init is the binding floor of the two.
+# pass it. The network after one training step (`--budget one_step`, measured before greedy k-means++) was
+# below the random init on every seed (NMI 23.3-29.5 against 34.4-44.6), so the random init is the binding
+# floor of the two.
 NMI_GAIN = 5.0
 # The paper's own baseline, IRaug (the relation terms off), at the same budget and seed. Seeds 0-4
 # (`python -m experiments.seeds --methods eir --budget test [--extra <IRaug row's args>]`): IRaug ends below

@@ -260,7 +260,6 @@ class ROUL(IndexedMemory, EmbeddingModule):
     self_augment: the L self-augmentations (`SelfAugment`). order_hidden, order_pair_dim, order_head_dim:
       Φ's sizes. roc_anchors: anchors per step for the order terms (0 = the whole batch; Φ's cost is B³).
     rop_backprop_backbone: Φ's losses also train the backbone (default: Φ reads detached features).
-    center_features: BatchNorm without affine on the pooled features (from scratch: see tac_ccl/digits.yaml).
     views_forward: `separate` runs view 0 alone and then the self-aug views, so BatchNorm, where it trains,
       normalises the MS loss's view by its own statistics as in the Baseline; `joint` is one forward over all
       views (the same where BN is frozen). Digits results of both: docs/methods/roul.md.
@@ -274,7 +273,7 @@ class ROUL(IndexedMemory, EmbeddingModule):
                  order_weight: float = 1.0, other_other: str = "masked", core_rule: str = "global",
                  core_fraction: float = 0.3, self_augment: SelfAugment | None = None, order_hidden: int = 512,
                  order_pair_dim: int = 256, order_head_dim: int = 128, roc_anchors: int = 0,
-                 rop_backprop_backbone: bool = False, center_features: bool = False, views_forward: str = "separate",
+                 rop_backprop_backbone: bool = False, views_forward: str = "separate",
                  seed: int = 0, batch_ms: bool = False, order_reduction: str = "anchor", **kwargs):
         super().__init__(**kwargs)
         if core_rule not in CORE_RULES:
@@ -298,7 +297,6 @@ class ROUL(IndexedMemory, EmbeddingModule):
         self.self_augment = self_augment or SelfAugment()
         self.roc_anchors, self.rop_backprop_backbone, self.seed = roc_anchors, rop_backprop_backbone, seed
         self.views_forward = views_forward
-        self.center = nn.BatchNorm1d(self.trunk.out_dim, affine=False) if center_features else nn.Identity()
         self.order_head = OrderHead(self.trunk.out_dim, order_hidden, order_pair_dim, order_head_dim)
         self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("core", torch.zeros(0, dtype=torch.bool))
@@ -311,12 +309,6 @@ class ROUL(IndexedMemory, EmbeddingModule):
         return bool(self.roc_weight or self.moc_weight or self.order_weight)
 
     # -- network --------------------------------------------------------------------------------
-    def pooled(self, images: Tensor) -> Tensor:
-        return self.center(self.trunk(images))
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.pooled(images))
-
     def predict_orders(self, anchor: Tensor, items: Tensor) -> Tensor:
         """Ô (B, N, N) from order features (`validation_step`'s "order_feature"): the evaluator's
         refinement hook."""

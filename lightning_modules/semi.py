@@ -198,6 +198,9 @@ class SemiSupervised(EmbeddingModule):
                  consistency_weight: float = 1.0, rampup_steps: int = 0, ema_decay_rampup: float = 0.99, two_heads: bool = False,
                  logit_distance_cost: float = 0.01, sharpen_temperature: float = 0.5, mixup_alpha: float = 0.75,
                  report_model: str = "teacher", **kwargs):
+        if kwargs.get("center_features"):
+            raise ValueError("center_features centres an embedding head's input; the semi-supervised classifiers "
+                             "have none: drop --model.init_args.center_features")
         super().__init__(**kwargs)
         if learner not in LEARNERS:
             raise ValueError(f"learner {learner!r}: use one of {', '.join(LEARNERS)}")

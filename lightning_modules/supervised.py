@@ -81,7 +81,7 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
         self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long))
         self.register_buffer("train_labels", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_memory(embedding_dim(self))
-        self.ema_pairs = (("key_trunk", "trunk"), ("key_head", "head")) if memory_weight else ()
+        self.ema_pairs = (("key_trunk", "trunk"), ("key_center", "center"), ("key_head", "head")) if memory_weight else ()
         if memory_weight:
             self.make_key_network()
 
@@ -90,13 +90,13 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
         """(Re)make the key network as a frozen copy of the current one (call again after changing it)."""
         if not self.memory_weight:
             return
-        self.key_trunk, self.key_head = copy.deepcopy(self.trunk), copy.deepcopy(self.head)
+        self.key_trunk, self.key_center, self.key_head = (copy.deepcopy(m) for m in (self.trunk, self.center, self.head))
         for p in (*self.key_trunk.parameters(), *self.key_head.parameters()):
             p.requires_grad_(False)
 
     @torch.no_grad()
     def key_embed(self, images: Tensor) -> Tensor:
-        return self.key_head(self.key_trunk(images)).float()
+        return self.key_head(self.key_center(self.key_trunk(images))).float()
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

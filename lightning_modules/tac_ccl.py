@@ -300,9 +300,6 @@ class TACCCL(IndexedMemory, EmbeddingModule):
     grad_share_every: every this many steps, log each weighted term's share of the gradient norm at the
       trunk's feature map, where all terms meet (train/grad_share_*; 0 = never).
     attention_reduction, attention_kernel: CBAM's r and spatial kernel.
-    center_features: BatchNorm without affine on the pooled features before the embedding layer. A random
-      trunk's pooled ReLU features share one mean direction, so from scratch every embedding starts in a
-      narrow cone where the MS gradients vanish; centring spreads them (configs/tac_ccl/digits.yaml).
     seed: with global_step and rank, seeds every draw of a step (transforms, RANSAC, cross choice), so a
       resumed run repeats them.
     """
@@ -312,7 +309,7 @@ class TACCCL(IndexedMemory, EmbeddingModule):
                  ccl_positive: str = "nearest", tac_weight: float = 1.0,
                  transforms: TransformRanges | None = None, tac_upsample: int = 1,
                  feature_weight: float = 1.0, feature_loss: str = "norm", cross: CrossPairs | None = None,
-                 attention_reduction: int = 16, attention_kernel: int = 7, center_features: bool = False,
+                 attention_reduction: int = 16, attention_kernel: int = 7,
                  grad_share_every: int = 1, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if ccl_positive not in ("nearest", "assigned"):
@@ -333,9 +330,6 @@ class TACCCL(IndexedMemory, EmbeddingModule):
         self.transforms = transforms or TransformRanges()
         self.seed = seed
         self.attention = CBAM(self.trunk.out_dim, attention_reduction, attention_kernel)
-        # a random trunk's pooled ReLU features share one large mean direction: centring them spreads the
-        # embeddings out of the narrow cone where the MS gradients (which scale with the angles) vanish
-        self.center = nn.BatchNorm1d(self.trunk.out_dim, affine=False) if center_features else nn.Identity()
         nn.init.kaiming_normal_(self.head.linear.weight)  # [R] as the GoogLeNet metric-learning code
         nn.init.zeros_(self.head.linear.bias)
         self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long), persistent=False)

@@ -225,7 +225,7 @@ class UMM(EmbeddingModule):
         """Eq. 13 on two views of a batch: {"loss", each unweighted term (and with `shares` each weighted
         term's share of the gradient on μ)}, μ and log σ² (2n, C, D) and the first view's candidates
         (n, k, D), the last three for the diagnostics."""
-        mu, logvar = (t.float() for t in self.head.moments(self.trunk(torch.cat([v1, v2]))))
+        mu, logvar = (t.float() for t in self.head.moments(self.pooled(torch.cat([v1, v2]))))
         z1, z2 = sample_candidates(mu, logvar, self.num_samples).chunk(2)
         (mu1, mu2), (logvar1, logvar2) = mu.chunk(2), logvar.chunk(2)
         consistency = distribution_consistency_loss(mu1, logvar1, mu2, logvar2, self.consistency_reduction)

@@ -357,3 +357,35 @@ def test_a_fit_on_hidden_labels_stops_before_training_and_names_the_flag(tmp_pat
                         enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="supervised=true"):
         trainer.fit(model, datamodule=DigitsDataModule(train_transform="digits", image_size=8))
+
+
+# -- centred features (EmbeddingModule.center_features, shared with TAC-CCL and ROUL) -------------------
+def mean_cosine(z: torch.Tensor) -> float:
+    """Mean cosine over the distinct pairs of unit rows."""
+    n = len(z)
+    return float(((z @ z.T).sum() - n) / (n * (n - 1)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_centring_spreads_a_random_trunks_embeddings_out_of_their_cone(seed):
+    """A random small_cnn maps 64 random images into one narrow cone (mean cosine 0.99, seeds 0-4); centred
+    features spread them (about -0.01), so the MS and memory terms see angles to work on."""
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    cosines = {}
+    for centred in (False, True):
+        torch.manual_seed(seed)
+        model = SAN(backbone="small_cnn", embedding_dim=32, labels="pseudo", memory_loss="cbml",
+                    center_features=centred, assembly=Assembly(enabled=False))
+        cosines[centred] = mean_cosine(model(x))
+    assert cosines[False] > 0.9 and abs(cosines[True]) < 0.1, cosines
+
+
+def test_the_key_network_centres_as_the_query_network_does():
+    """The momentum key network copies the centring: at the start (key = query, both in training mode) the
+    keys equal the queries; keys from uncentred features would sit in the cone the queries left."""
+    torch.manual_seed(0)
+    model = SAN(backbone="small_cnn", embedding_dim=32, labels="pseudo", memory_loss="cbml",
+                center_features=True, assembly=Assembly(enabled=False)).train()
+    x = torch.rand(16, 3, 32, 32)
+    torch.testing.assert_close(model.key_embed(x), model(x).float())
+    assert mean_cosine(model.key_embed(x)) < 0.5

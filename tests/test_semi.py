@@ -229,3 +229,9 @@ def test_the_mixmatch_label_guess_leaves_the_bn_statistics_to_the_training_forwa
     assert torch.allclose(guess, expected, atol=1e-6)
     model.mixmatch_terms(labeled, unlabeled)  # guess + one forward over the mixed batch
     assert set(bn_counts(model)) == {1}
+
+
+def test_semi_supervised_classifiers_refuse_center_features():
+    """Centring feeds an embedding head; the class heads have none, so the flag is an error, not ignored."""
+    with pytest.raises(ValueError, match="drop --model.init_args.center_features"):
+        Snowball(backbone="small_cnn", in_chans=1, center_features=True)

@@ -136,7 +136,9 @@ def channels_last_inputs(module: nn.Module, args: tuple) -> tuple:
 def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
     """target <- decay * target + (1 - decay) * source for parameters; buffers (BN statistics) copied.
     Multi-tensor (`torch._foreach_*`): a few kernel launches for the whole network, not two per tensor."""
-    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), 1.0 - decay)
+    params = list(target.parameters())
+    if params:  # a parameter-free module (the centring BatchNorm) has only buffers
+        torch._foreach_lerp_(params, list(source.parameters()), 1.0 - decay)
     buffers = list(zip(target.buffers(), source.buffers()))
     if buffers:
         torch._foreach_copy_(*map(list, zip(*buffers)))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_modules.backbones import build_backbone
+from lightning_modules.base import ema_update
 from lightning_modules.losses import cbml_loss, contrastive_memory_loss
 from lightning_modules.san import (
     SAN,
@@ -389,3 +390,12 @@ def test_the_key_network_centres_as_the_query_network_does():
     x = torch.rand(16, 3, 32, 32)
     torch.testing.assert_close(model.key_embed(x), model(x).float())
     assert mean_cosine(model.key_embed(x)) < 0.5
+
+
+def test_ema_moves_a_parameter_free_module_by_its_buffers():
+    """The centring BatchNorm has no parameters: the key network's copy takes its running statistics."""
+    source, target = torch.nn.BatchNorm1d(4, affine=False), torch.nn.BatchNorm1d(4, affine=False)
+    source(torch.randn(32, 4) + 3.0)
+    ema_update(target, source, 0.99)
+    torch.testing.assert_close(target.running_mean, source.running_mean)
+    assert source.running_mean.abs().min() > 0.1

@@ -81,7 +81,8 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
         self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long))
         self.register_buffer("train_labels", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_memory(embedding_dim(self))
-        self.ema_pairs = (("key_trunk", "trunk"), ("key_center", "center"), ("key_head", "head")) if memory_weight else ()
+        keys = (("key_trunk", "trunk"), ("key_center", "center"), ("key_head", "head"))
+        self.ema_pairs = keys if memory_weight else ()
         if memory_weight:
             self.make_key_network()
 
@@ -90,7 +91,7 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
         """(Re)make the key network as a frozen copy of the current one (call again after changing it)."""
         if not self.memory_weight:
             return
-        self.key_trunk, self.key_center, self.key_head = (copy.deepcopy(m) for m in (self.trunk, self.center, self.head))
+        self.key_trunk, self.key_center, self.key_head = map(copy.deepcopy, (self.trunk, self.center, self.head))
         for p in (*self.key_trunk.parameters(), *self.key_head.parameters()):
             p.requires_grad_(False)
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.base import hparam
-from lightning_modules.losses import fp32
+from lightning_modules.losses import fp32, gradient_shares
 from lightning_modules.supervised import MetricLearning
 
 NORMALIZATIONS = ("sinkhorn", "softmax_in")
@@ -221,13 +221,16 @@ class SAN(MetricLearning):
 
     assembly: `Assembly` (enabled false = the baseline without SAN). entropy_weight, correlation_weight,
     coherence_weight: λ1, λ2, λ3 (0.01, 0.1, 0.1: at λ1 = 0.1 the entropy's gradient holds the assembly at
-    its identity start even where moving pays; see docs/methods/san.md). The module is built in `setup`,
+    its identity start even where moving pays; see docs/methods/san.md). assembly_share_every: steps between
+    logs of each term's gradient share at the assembly matrix (0 = never). The module is built in `setup`,
     where the datamodule's image size gives N; `insert_assembly(image_size)` does it outside a Trainer.
     """
 
     def __init__(self, assembly: Assembly | None = None, entropy_weight: float = 0.01,
-                 correlation_weight: float = 0.1, coherence_weight: float = 0.1, **kwargs):
+                 correlation_weight: float = 0.1, coherence_weight: float = 0.1, assembly_share_every: int = 10,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.assembly_share_every = assembly_share_every
         self.assembly = assembly or Assembly()
         self.lambdas = {"entropy": entropy_weight, "correlation": correlation_weight,
                         "coherence": coherence_weight}
@@ -281,12 +284,25 @@ class SAN(MetricLearning):
         return {"entropy": assembly_entropy(w), "correlation": assembly_correlation(w),
                 "coherence": local_coherence(w, fmap)}
 
-    def extra_loss(self) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """λ1 E + λ2 C + λ3 L_LC (Eq. 5.12); logs each term, β and the assembly diagnostics."""
+    def extra_terms(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """λ1 E, λ2 C, λ3 L_LC (Eq. 5.12), each weighted; logs each term unweighted, β and the assembly
+        diagnostics."""
         terms = self.regularisers()
         if not terms:
-            return None, {}
-        loss = sum(self.lambdas[k] * v for k, v in terms.items())
-        logged = {"san_loss": loss, **{f"san_{k}": v for k, v in terms.items()},
+            return {}, {}
+        weighted = {k: self.lambdas[k] * v for k, v in terms.items()}
+        logged = {"san_loss": sum(weighted.values()), **{f"san_{k}": v for k, v in terms.items()},
                   **assembly_diagnostics(self.san.last[0]), "san_beta": self.san.beta.detach()}
-        return loss, logged
+        return weighted, logged
+
+    def gradient_diagnostics(self, weighted: dict[str, Tensor], z: Tensor) -> dict[str, Tensor]:
+        """Adds train/grad_share_assembly/<term>: each weighted term's share of the gradient at the assembly
+        matrix w, so a run shows whether the metric losses or the regularisers steer the assembly (every
+        `assembly_share_every` steps; 0 = never)."""
+        shares = super().gradient_diagnostics(weighted, z)
+        san = self.san
+        every = self.assembly_share_every
+        if san is None or san.last is None or not every or self.global_step % every:
+            return shares
+        at_w = gradient_shares(weighted, san.last[0])
+        return {**shares, **{f"grad_share_assembly/{k}": v for k, v in at_w.items()}}

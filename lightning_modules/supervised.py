@@ -154,9 +154,17 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
             return self.pseudo_labels[batch["index"]]
         return batch["target"]  # revealed: on_fit_start checked the datamodule's setting (no per-step sync)
 
-    def extra_loss(self) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """(weighted loss, terms to log) a subclass adds after the forward (SAN's regularisers)."""
-        return None, {}
+    def extra_terms(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(weighted loss terms, diagnostics to log) a subclass adds after the forward (SAN's regularisers)."""
+        return {}, {}
+
+    def gradient_diagnostics(self, weighted: dict[str, Tensor], z: Tensor) -> dict[str, Tensor]:
+        """train/grad_share/<term>: each weighted term's share of the gradient at the embeddings, when more
+        than one term reaches them (`losses.gradient_shares`)."""
+        reaching = {k: v for k, v in weighted.items() if k in ("ms", "proxy_anchor", "memory")}
+        if len(reaching) < 2 or not torch.is_grad_enabled():
+            return {}
+        return {f"grad_share/{k}": v for k, v in gradient_shares(reaching, z).items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, index = batch["views"][0], batch["index"]
@@ -166,7 +174,7 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
             terms = {"ms": multi_similarity_loss(z, labels, **self.ms)}
         else:
             terms = {"proxy_anchor": proxy_anchor(self.proxies, z, labels)}
-        loss = sum(terms.values())
+        weighted = dict(terms)
         if self.memory_weight:
             keys = self.key_embed(images)
             queue_labels = self.memory_labels()
@@ -178,17 +186,12 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
                                                           self.memory_margin)
             else:
                 terms["memory"] = multi_similarity_loss(z, labels, self.memory_embedding, queue_labels, **self.ms)
-            loss = loss + self.memory_weight * terms["memory"]
+            weighted["memory"] = self.memory_weight * terms["memory"]
             self.enqueue(keys, index)
-        if self.memory_weight and torch.is_grad_enabled():
-            weighted = {k: v * (self.memory_weight if k == "memory" else 1.0) for k, v in terms.items()}
-            logged_shares = {f"grad_share/{k}": v for k, v in gradient_shares(weighted, z).items()}
-        else:
-            logged_shares = {}
-        extra, logged = self.extra_loss()
-        logged = {**logged, **logged_shares}
-        if extra is not None:
-            loss = loss + extra
+        extra, logged = self.extra_terms()
+        weighted.update(extra)
+        loss = sum(weighted.values())
+        logged.update(self.gradient_diagnostics(weighted, z))
         self.log_terms({"loss": loss, **terms, **logged}, embedding=z)
         return loss
 

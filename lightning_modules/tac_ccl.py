@@ -24,7 +24,7 @@ Either way the anchor's map, masked around the matched keypoints, is warped into
 Both views go through one forward (BatchNorm, where it trains, sees them as one batch, and updates its
 statistics once a step); the loss terms and the keypoint masks run in fp32, and L_TAC averages self and
 cross pairs over the batch together. Each term's share of the gradient at the trunk's feature map is
-logged (train/grad_share_*). Decisions and evidence: docs/methods/tac_ccl.md.
+logged (train/grad_share/*). Decisions and evidence: docs/methods/tac_ccl.md.
 """
 from __future__ import annotations
 
@@ -298,7 +298,7 @@ class TACCCL(IndexedMemory, EmbeddingModule):
     cross: cross-image pairs (`CrossPairs`: offline SIFT pairs or in-batch matching); used when the second
       branch runs (tac or feature weight > 0).
     grad_share_every: every this many steps, log each weighted term's share of the gradient norm at the
-      trunk's feature map, where all terms meet (train/grad_share_*; 0 = never).
+      trunk's feature map, where all terms meet (train/grad_share/*; 0 = never).
     attention_reduction, attention_kernel: CBAM's r and spatial kernel.
     seed: with global_step and rank, seeds every draw of a step (transforms, RANSAC, cross choice), so a
       resumed run repeats them.
@@ -464,7 +464,7 @@ class TACCCL(IndexedMemory, EmbeddingModule):
                 loss = loss + self.feature_weight * terms["feature"]
         if self.grad_share_every and self.global_step % self.grad_share_every == 0 and fmap.requires_grad:
             shares = gradient_shares(self.weighted(terms), fmap)
-            diagnostics.update({f"grad_share_{k}": v for k, v in shares.items()})
+            diagnostics.update({f"grad_share/{k}": v for k, v in shares.items()})
         if self.memory_weight:
             self.enqueue(z.detach(), index)  # after the memory term: the bank is read before it changes
         self.log_terms({"loss": loss, **terms, **diagnostics}, embedding=z)

@@ -13,7 +13,7 @@ brings it to 2-11, the scale of the terms the paper's λ's "balance" (and the pa
 L_R: 10/10, 0.2/2, 0.1/0.1, which fits two O(1) terms). "sum" keeps Eq. 8 as printed. Equal loss values are
 not equal pulls: L_N pulls the two views' μ together with weight λ_N / (D σ²), so on digits λ_N = 10 has 3.3x
 L_S's gradient on μ at the first step and collapses μ within 4 steps; umm/digits.yaml uses λ_N = 0.64. Each
-term's share of the gradient on μ is logged (`train/share_*`); see docs/methods/umm.md.
+term's share of the gradient on μ is logged (`train/grad_share/*`); see docs/methods/umm.md.
 k (`num_samples`) is set each epoch by `callbacks.k_schedule.KSchedule` through `set_num_samples`.
 There is no momentum encoder, queue or memory bank: "momentum" is the paper's metaphor.
 """
@@ -170,11 +170,11 @@ def ranking_loss(z1: torch.Tensor, z2: torch.Tensor, bins: int = 20, pool: str =
 
 
 def mu_gradient_shares(weighted: dict[str, torch.Tensor], mu: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{"share_<term>"}: each weighted term's gradient norm on μ over the sum of the three norms
+    """{"grad_share/<term>"}: each weighted term's gradient norm on μ over the sum of the three norms
     (`losses.common.gradient_shares`). Backward from the losses to μ only (not through the trunk). The
     balance to watch: λ_N L_N pulls the two views' μ together with weight λ_N / (D σ²), so its share grows as
     σ² shrinks, and above L_S's it collapses μ (docs/methods/umm.md)."""
-    return {f"share_{name}": share.detach() for name, share in gradient_shares(weighted, mu).items()}
+    return {f"grad_share/{name}": share.detach() for name, share in gradient_shares(weighted, mu).items()}
 
 
 class UMM(EmbeddingModule):

@@ -294,6 +294,26 @@ def positional_flip_batch(batch: int = 16, size: int = 4) -> tuple[torch.Tensor,
     return fmap, fmap.flip(-1)
 
 
+def test_each_terms_share_of_the_gradient_at_the_assembly_is_logged():
+    """train/grad_share_assembly/<term>: the metric loss and the regularisers all reach w; the shares sum to
+    1, and a regulariser weighted 0 has share 0."""
+    torch.manual_seed(0)
+    batch = {"views": [torch.randn(8, 1, 8, 8)], "index": torch.arange(8), "target": torch.arange(8) % 4}
+    shares = {}
+    for entropy_weight in (0.01, 0.0):
+        model = small_san(loss="proxy_anchor", num_classes=4, memory_weight=0.0, entropy_weight=entropy_weight)
+        logged = {}
+        model.log_terms = lambda terms, embedding=None: logged.update(terms)
+        model.train()
+        model.training_step(batch, 0)
+        shares[entropy_weight] = {k.split("/")[1]: v.item() for k, v in logged.items()
+                                  if k.startswith("grad_share_assembly/")}
+    assert set(shares[0.01]) == {"proxy_anchor", "entropy", "correlation", "coherence"}
+    assert sum(shares[0.01].values()) == pytest.approx(1.0)
+    assert shares[0.01]["proxy_anchor"] > 0 and shares[0.01]["entropy"] > 0
+    assert shares[0.0]["entropy"] == 0.0 and shares[0.0]["proxy_anchor"] > shares[0.01]["proxy_anchor"]
+
+
 def train_to_flip(lambdas: dict[str, float], steps: int = 150) -> tuple[float, float, float]:
     """(first task loss, last task loss, share of moved output points) of a SpatialAssembly at its identity
     start (β0 = 8, learnable), trained with Adam on ‖G − mirror(F)‖² + Σ λ·regulariser."""

@@ -17,7 +17,8 @@ MARGINS = {"san": {"val/knn_top1": 5.0, "val/nmi": 8.0}, "san_unsupervised": {"v
 VARIANTS = {"san": "san/digits", "san_unsupervised": "san/digits-unsupervised"}
 SAN_TERMS = ("train/san_entropy", "train/san_correlation", "train/san_coherence", "train/san_loss",
              "train/san_diagonal", "train/san_moved", "train/san_beta", "train/ms", "train/memory",
-             "train/embedding_std")
+             "train/embedding_std", "train/grad_share/memory", "train/grad_share_assembly/entropy",
+             "train/grad_share_assembly/ms")
 
 
 @pytest.mark.parametrize("method", sorted(VARIANTS))

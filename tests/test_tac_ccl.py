@@ -184,7 +184,7 @@ def test_every_term_logs_its_share_of_the_gradient():
     logged = {}
     model.log_terms = lambda terms, embedding=None: logged.update(terms)
     model.training_step(offline_batch(), 0)
-    shares = {k[len("grad_share_"):]: v.item() for k, v in logged.items() if k.startswith("grad_share_")}
+    shares = {k[len("grad_share/"):]: v.item() for k, v in logged.items() if k.startswith("grad_share/")}
     assert set(shares) == {"ms", "ms_memory", "ccl", "tac", "feature"}
     assert sum(shares.values()) == pytest.approx(1.0) and shares["ccl"] > 0 and shares["tac"] > 0
 

@@ -20,5 +20,5 @@ def test_tac_ccl_digits_config_learns_beyond_one_training_step(tmp_path):
     assert "callbacks.pseudo_labels.KMeansPseudoLabels" in config
     assert_logged(full["dir"], ("train/ms", "train/ms_memory", "train/ccl", "train/tac_self", "train/tac_cross",
                                 "train/feature", "train/attention_std", "train/embedding_std", "pseudo_labels/nmi",
-                                "pseudo_labels/pair_precision", "train/grad_share_ms", "train/grad_share_ms_memory",
-                                "train/grad_share_ccl", "train/grad_share_tac", "train/grad_share_feature"))
+                                "pseudo_labels/pair_precision", "train/grad_share/ms", "train/grad_share/ms_memory",
+                                "train/grad_share/ccl", "train/grad_share/tac", "train/grad_share/feature"))

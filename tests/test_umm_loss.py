@@ -246,7 +246,7 @@ def test_l_n_is_an_alignment_pull_weighted_by_the_inverse_variance():
 
 @pytest.mark.parametrize("lambda_n, consistency_leads", [(10.0, True), (0.64, False)])
 def test_the_gradient_shares_on_mu_are_logged_and_show_l_n_leading_at_the_papers_lambda(lambda_n, consistency_leads):
-    """`share_*` (logged every SHARE_EVERY steps) are each weighted term's gradient norm on μ over their sum. On a digits
+    """`grad_share/*` (logged every SHARE_EVERY steps) are each weighted term's gradient norm on μ over their sum. On a digits
     batch at init with the digits config, λ_N = 10 gives L_N the largest share (it then collapses μ within a
     few steps) and the shipped 0.64 leaves L_S ahead (docs/methods/umm.md)."""
     config = yaml.safe_load(Path("experiments/configs/umm/digits.yaml").read_text())
@@ -257,6 +257,6 @@ def test_the_gradient_shares_on_mu_are_logged_and_show_l_n_leading_at_the_papers
     torch.manual_seed(0)
     model = UMM(**{**args, "lambda_n": lambda_n, "gather_negatives": False})
     terms = model.loss_terms(v1, v2, shares=True)[0]
-    shares = [terms[f"share_{name}"].item() for name in ("set_softmax", "consistency", "ranking")]
+    shares = [terms[f"grad_share/{name}"].item() for name in ("set_softmax", "consistency", "ranking")]
     assert sum(shares) == pytest.approx(1.0, rel=1e-5)
     assert (shares[1] > shares[0]) == consistency_leads

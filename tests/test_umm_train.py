@@ -25,7 +25,7 @@ def test_umm_on_digits_beats_random_init_and_logs_k_and_variance(tmp_path):
     logged = run / "csv" / "metrics.csv"
     assert all(math.isfinite(v) for v in epoch_values(logged, "train/loss_epoch"))
     assert epoch_values(logged, "train/num_samples") == [5.0, 5.0, 5.0]
-    shares = [epoch_values(logged, f"train/share_{t}_epoch") for t in ("set_softmax", "consistency", "ranking")]
+    shares = [epoch_values(logged, f"train/grad_share/{t}_epoch") for t in ("set_softmax", "consistency", "ranking")]
     assert all(len(share) == 3 for share in shares)  # each term's share of the gradient on mu, every epoch
     variance = epoch_values(logged, "train/variance")
     assert len(variance) == 3 and variance[-1] < variance[0]

@@ -303,7 +303,7 @@ def test_each_terms_share_of_the_gradient_at_the_assembly_is_logged():
     for entropy_weight in (0.01, 0.0):
         model = small_san(loss="proxy_anchor", num_classes=4, memory_weight=0.0, entropy_weight=entropy_weight)
         logged = {}
-        model.log_terms = lambda terms, embedding=None: logged.update(terms)
+        model.log_terms = lambda terms, embedding=None, into=logged: into.update(terms)
         model.train()
         model.training_step(batch, 0)
         shares[entropy_weight] = {k.split("/")[1]: v.item() for k, v in logged.items()

@@ -221,16 +221,17 @@ class SAN(MetricLearning):
 
     assembly: `Assembly` (enabled false = the baseline without SAN). entropy_weight, correlation_weight,
     coherence_weight: λ1, λ2, λ3 (0.01, 0.1, 0.1: at λ1 = 0.1 the entropy's gradient holds the assembly at
-    its identity start even where moving pays; see docs/methods/san.md). assembly_share_every: steps between
-    logs of each term's gradient share at the assembly matrix (0 = never). The module is built in `setup`,
-    where the datamodule's image size gives N; `insert_assembly(image_size)` does it outside a Trainer.
+    its identity start even where moving pays; see docs/methods/san.md). grad_share_every: steps between
+    logs of each term's gradient share at the assembly matrix (0 = never; TAC-CCL's name for the same). The
+    module is built in `setup`, where the datamodule's image size gives N; `insert_assembly(image_size)` does
+    it outside a Trainer.
     """
 
     def __init__(self, assembly: Assembly | None = None, entropy_weight: float = 0.01,
-                 correlation_weight: float = 0.1, coherence_weight: float = 0.1, assembly_share_every: int = 10,
+                 correlation_weight: float = 0.1, coherence_weight: float = 0.1, grad_share_every: int = 10,
                  **kwargs):
         super().__init__(**kwargs)
-        self.assembly_share_every = assembly_share_every
+        self.grad_share_every = grad_share_every
         self.assembly = assembly or Assembly()
         self.lambdas = {"entropy": entropy_weight, "correlation": correlation_weight,
                         "coherence": coherence_weight}
@@ -295,14 +296,13 @@ class SAN(MetricLearning):
                   **assembly_diagnostics(self.san.last[0]), "san_beta": self.san.beta.detach()}
         return weighted, logged
 
-    def gradient_diagnostics(self, weighted: dict[str, Tensor], z: Tensor) -> dict[str, Tensor]:
+    def gradient_diagnostics(self, metric: dict[str, Tensor], extra: dict[str, Tensor], z: Tensor) -> dict[str, Tensor]:
         """Adds train/grad_share_assembly/<term>: each weighted term's share of the gradient at the assembly
         matrix w, so a run shows whether the metric losses or the regularisers steer the assembly (every
-        `assembly_share_every` steps; 0 = never)."""
-        shares = super().gradient_diagnostics(weighted, z)
-        san = self.san
-        every = self.assembly_share_every
+        `grad_share_every` steps; 0 = never)."""
+        shares = super().gradient_diagnostics(metric, extra, z)
+        san, every = self.san, self.grad_share_every
         if san is None or san.last is None or not every or self.global_step % every:
             return shares
-        at_w = gradient_shares(weighted, san.last[0])
+        at_w = gradient_shares({**metric, **extra}, san.last[0])
         return {**shares, **{f"grad_share_assembly/{k}": v for k, v in at_w.items()}}

@@ -158,13 +158,12 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
         """(weighted loss terms, diagnostics to log) a subclass adds after the forward (SAN's regularisers)."""
         return {}, {}
 
-    def gradient_diagnostics(self, weighted: dict[str, Tensor], z: Tensor) -> dict[str, Tensor]:
-        """train/grad_share/<term>: each weighted term's share of the gradient at the embeddings, when more
-        than one term reaches them (`losses.gradient_shares`)."""
-        reaching = {k: v for k, v in weighted.items() if k in ("ms", "proxy_anchor", "memory")}
-        if len(reaching) < 2 or not torch.is_grad_enabled():
+    def gradient_diagnostics(self, metric: dict[str, Tensor], extra: dict[str, Tensor], z: Tensor) -> dict[str, Tensor]:
+        """train/grad_share/<term>: each weighted metric term's share of the gradient at the embeddings, when
+        there are two (`losses.gradient_shares`). `extra` (the subclass's terms) is for subclasses' shares."""
+        if len(metric) < 2 or not torch.is_grad_enabled():
             return {}
-        return {f"grad_share/{k}": v for k, v in gradient_shares(reaching, z).items()}
+        return {f"grad_share/{k}": v for k, v in gradient_shares(metric, z).items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, index = batch["views"][0], batch["index"]
@@ -189,9 +188,8 @@ class MetricLearning(IndexedMemory, EmbeddingModule):
             weighted["memory"] = self.memory_weight * terms["memory"]
             self.enqueue(keys, index)
         extra, logged = self.extra_terms()
-        weighted.update(extra)
-        loss = sum(weighted.values())
-        logged.update(self.gradient_diagnostics(weighted, z))
+        loss = sum(weighted.values()) + sum(extra.values())
+        logged.update(self.gradient_diagnostics(weighted, extra, z))
         self.log_terms({"loss": loss, **terms, **logged}, embedding=z)
         return loss
 
